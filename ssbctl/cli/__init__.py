@@ -1,0 +1,1 @@
+"""The ``ssbctl`` command line: one small module per command over the library."""

@@ -1,0 +1,80 @@
+"""What every command shares: consoles, progress bars, JSON output and tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+err = Console(stderr=True)  # progress and logs
+out = Console(soft_wrap=True)  # results
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout instead of a table.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+CheckpointOption = Annotated[str | None, typer.Option(help="Checkpoint name or step (default: latest).")]
+IndexOption = Annotated[Path | None, typer.Option("--index", help="Index folder (default: $SSBCTL_HOME/index).")]
+
+
+def print_json(obj: Any) -> None:
+    """One JSON document on stdout, for scripts."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=err, transient=False)
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr; yields ``update(done, total)``."""
+    with _progress() as bar:
+        task = bar.add_task(description, total=None, info="")
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+class RichReporter:
+    """Training progress: a bar with the loss terms and clips/s; notes printed above it."""
+
+    def __init__(self) -> None:
+        self.bar = _progress()
+        self.task: Any = None
+
+    def start(self, total: int, done: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=total, completed=done, info="")
+
+    def step(self, step: int, terms: dict[str, float], clips_per_s: float) -> None:
+        info = " ".join(f"{k.removesuffix('_loss')[:7]} {v:.3f}" for k, v in terms.items())
+        self.bar.update(self.task, completed=step, info=f"{info} | {clips_per_s:.0f} clips/s")
+
+    def note(self, text: str) -> None:
+        self.bar.console.log(text)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def metrics_table(result: dict[str, Any], title: str) -> Table:
+    """Text-to-video and video-to-text metrics side by side."""
+    table = Table(title=title)
+    table.add_column("direction")
+    keys = [k for k in result["t2v"]]
+    for key in keys:
+        table.add_column(key.replace("R", "R@") if key[1:].isdigit() else key, justify="right")
+    for direction, name in (("t2v", "text-to-video"), ("v2t", "video-to-text")):
+        table.add_row(name, *(f"{result[direction][k]:.1f}" for k in keys))
+    return table

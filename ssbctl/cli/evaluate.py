@@ -1,0 +1,41 @@
+"""``ssbctl evaluate``: retrieval metrics of a trained run on a split of prepared data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ssbctl.cli.common import CheckpointOption, DeviceOption, JsonOption, metrics_table, out, print_json
+
+EPILOG = """Examples:
+
+  ssbctl evaluate runs/shapes --split test
+
+  ssbctl evaluate runs/shapes --split test --json | jq .t2v.R1
+"""
+
+
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run folder written by `ssbctl train`.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    data: Annotated[str | None, typer.Option(help="Prepared data (default: the run's recipe's).")] = None,
+    checkpoint: CheckpointOption = None,
+    device: DeviceOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """R@1/5/10, median and mean rank, text-to-video and video-to-text (ties count against the model)."""
+    from ssbctl.data.store import FeatureStore
+    from ssbctl.engine.run import load_run
+    from ssbctl.evaluation.evaluate import evaluate_split
+    from ssbctl.paths import resolve_prepared
+
+    loaded = load_run(run, checkpoint, device)
+    store = FeatureStore(resolve_prepared(data or loaded.recipe.data.prepared))
+    result = evaluate_split(loaded.model, loaded.tokenizer, store, split, loaded.device)
+    if as_json:
+        print_json(result)
+        return
+    out.print(metrics_table(result, f"{run} [{loaded.checkpoint.name}] on {split}: "
+                                    f"{result['n_queries']} captions x {result['n_videos']} videos"))

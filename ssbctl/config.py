@@ -1,0 +1,304 @@
+"""Recipe and model configuration: frozen dataclasses loaded from TOML and validated.
+
+A *model config* (``models/NAME.toml``) describes the architecture. A *recipe*
+(``recipes/NAME.toml``) names the prepared data, a model (by name, with overrides), the loss
+and the training schedule. Unknown keys and wrong types are rejected with an error naming the
+key, so a typo never trains silently with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssbctl.errors import UserError
+from ssbctl.paths import find_config
+
+MASKS = ("none", "identity", "full", "cross")
+
+
+def _choice(default: str, choices: tuple[str, ...]) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+def _min(default: float | int, low: float | int) -> Any:
+    return field(default=default, metadata={"min": low})
+
+
+@dataclass(frozen=True)
+class VideoEncoderConfig:
+    """Temporal transformer over per-frame features of one or more frozen backbones (experts)."""
+
+    hidden_dim: int = _min(256, 8)  # width of the temporal transformer
+    layers: int = _min(2, 1)  # transformer layers
+    heads: int = _min(4, 1)  # attention heads; must divide hidden_dim
+    max_frames: int = _min(64, 1)  # length of the learned position table
+    dropout: float = _min(0.1, 0.0)  # dropout inside the transformer
+    input_dims: tuple[int, ...] = ()  # feature size per expert; () = read from the prepared data
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """A pretrained `transformers` encoder, pooled and projected to the joint space."""
+
+    pretrained: str = "builtin:all-MiniLM-L6-v2"  # hub id, local folder, or builtin:NAME
+    pooling: str = _choice("mean", ("mean", "cls", "pooler"))  # token states to one vector; pooler: the model's own (CLIP)
+    max_tokens: int = _min(32, 4)  # captions are truncated to this many tokens
+    trainable_layers: int = _min(-1, -1)  # -1: fine-tune all; 0: frozen; N: top N layers only
+
+
+@dataclass(frozen=True)
+class SupportSetConfig:
+    """Attention from each sample's video embedding over the support set's video embeddings."""
+
+    mask: str = _choice("cross", MASKS)  # none: contrastive only; cross: only other videos
+    temperature: float = _min(0.1, 1e-4)  # softmax temperature of the attention weights
+    slots: int = _min(4, 1)  # memory vectors the bottleneck hands the caption decoder
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Lightweight transformer decoder that reconstructs the caption from the bottleneck."""
+
+    hidden_dim: int = _min(256, 8)  # decoder width
+    layers: int = _min(2, 1)  # decoder layers
+    heads: int = _min(4, 1)  # attention heads; must divide hidden_dim
+    dropout: float = _min(0.1, 0.0)  # dropout inside the decoder
+    vocab: str = _choice("train", ("train", "full"))  # train: tokens seen in training captions
+    vocab_size: int = _min(0, 0)  # resolved at training time; 0 = not yet known
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The whole SSB model."""
+
+    name: str = ""  # registered name (models/NAME.toml) this config came from
+    embed_dim: int = _min(256, 8)  # joint video-text embedding size D
+    video: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    support: SupportSetConfig = field(default_factory=SupportSetConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """L = L_contrastive + caption_weight * L_caption."""
+
+    contrastive: str = _choice("infonce", ("infonce", "max_margin"))  # the paper used max_margin
+    margin: float = _min(0.2, 0.0)  # max_margin only
+    init_temperature: float = _min(0.07, 1e-4)  # InfoNCE: initial value of the learned temperature
+    max_logit_scale: float = _min(100.0, 1.0)  # InfoNCE: clamp of 1/temperature
+    caption_weight: float = _min(1.0, 0.0)  # lambda
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which prepared data to train and validate on."""
+
+    prepared: str = "shapes"  # prepared folder, or a name under $SSBCTL_HOME/data
+    train_split: str = "train"  # split trained on
+    eval_split: str = "val"  # split evaluated after each epoch ("" to skip)
+    num_workers: int = _min(0, 0)  # DataLoader worker processes
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, precision and bookkeeping."""
+
+    output_dir: str = "runs/run"  # run folder: checkpoints, resolved recipe, metrics
+    epochs: int = _min(10, 1)  # passes over the (video, caption) pairs
+    max_steps: int = _min(0, 0)  # stop after this many optimizer steps; 0 = run all epochs
+    batch_size: int = _min(64, 2)  # global batch of (video, caption) pairs = support set size
+    lr: float = _min(1e-3, 0.0)  # peak learning rate of the new (non-pretrained) parameters
+    text_lr: float = _min(1e-5, 0.0)  # peak learning rate of the pretrained text encoder
+    weight_decay: float = _min(0.01, 0.0)  # AdamW decoupled weight decay
+    warmup_steps: int = _min(50, 0)  # linear warmup, then cosine decay
+    min_lr_ratio: float = _min(0.01, 0.0)  # cosine floor as a fraction of the peak
+    grad_clip: float = _min(1.0, 0.0)  # max global gradient norm; 0 = off
+    precision: str = _choice("bf16", ("bf16", "fp16", "fp32"))  # AMP on CUDA; CPU always fp32
+    device: str = _choice("auto", ("auto", "cpu", "cuda"))  # auto: CUDA when present
+    seed: int = 0  # seeds data order, initialisation and dropout
+    log_every: int = _min(10, 1)  # steps between metrics.jsonl lines
+    ckpt_every: int = _min(0, 0)  # steps between checkpoints; 0 = at the end of each epoch
+    keep_checkpoints: int = _min(2, 1)  # newest checkpoints kept on disk
+    max_nonfinite: int = _min(20, 1)  # abort after this many consecutive non-finite losses
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete training recipe."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _check_type(key: str, value: Any, kind: Any) -> Any:
+    """Return ``value`` as ``kind`` or raise a UserError naming ``key``."""
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"recipe key '{key}' must be a list, got {value!r}")
+        (inner, _) = typing.get_args(kind)
+        return tuple(_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float) and isinstance(value, bool) or not isinstance(value, kind):
+        raise UserError(f"recipe key '{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"recipe key '{prefix.rstrip('.')}' must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = prefix + name
+        if name not in fields:
+            raise UserError(f"unknown recipe key '{key}'")
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = from_dict(kind, value, key + ".")
+            continue
+        value = _check_type(key, value, kind)
+        meta = fields[name].metadata
+        if "choices" in meta and value not in meta["choices"]:
+            raise UserError(f"recipe key '{key}' must be one of {', '.join(meta['choices'])}, got {value!r}")
+        if "min" in meta and value < meta["min"]:
+            raise UserError(f"recipe key '{key}' must be >= {meta['min']}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as a plain nested dict (tuples become lists) for TOML or JSON."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``; nested tables merge key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``"train.lr=3e-4"`` as ``{"train": {"lr": 3e-4}}``; values are TOML, bare words strings."""
+    if "=" not in item:
+        raise UserError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; a syntax error becomes a UserError naming the file."""
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def model_dict(name: str) -> dict[str, Any]:
+    """The raw table of a registered model config (by name or path)."""
+    path = find_config("models", name)
+    data = read_toml(path)
+    data.setdefault("name", path.stem)
+    return data
+
+
+def build_model_config(data: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from a table that may start from a registered ``name``."""
+    base = model_dict(data["name"]) if data.get("name") else {}
+    return from_dict(ModelConfig, deep_merge(base, data), "model.")
+
+
+def load_model_config(name: str) -> ModelConfig:
+    """Load and validate ``models/NAME.toml`` (or a path)."""
+    return build_model_config({"name": name})
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe by name or path, apply ``key=value`` overrides and validate it."""
+    raw = read_toml(find_config("recipes", str(recipe)))
+    for item in overrides:
+        raw = deep_merge(raw, parse_override(item))
+    return recipe_from_dict(raw)
+
+
+def recipe_from_dict(raw: dict[str, Any], resolve_model: bool = True) -> Recipe:
+    """Validate a whole recipe table. With ``resolve_model`` the model table starts from the
+    registered config it names; a run's resolved recipe is complete and is read as it is."""
+    raw = dict(raw)
+    model = raw.pop("model", {})
+    if not isinstance(model, dict):
+        raise UserError(f"recipe key 'model' must be a table, got {model!r}")
+    recipe = from_dict(Recipe, raw)
+    model_cfg = build_model_config(model) if resolve_model else from_dict(ModelConfig, model, "model.")
+    return dataclasses.replace(recipe, model=model_cfg)
+
+
+def dump_toml(data: dict[str, Any], header: str = "") -> str:
+    """Write a nested dict of scalars and lists as TOML (enough for resolved recipes)."""
+    lines = [header] if header else []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+    def table(prefix: str, node: dict[str, Any]) -> None:
+        plain = {k: v for k, v in node.items() if not isinstance(v, dict)}
+        if prefix and plain:
+            lines.append(f"\n[{prefix}]")
+        lines.extend(f"{k} = {scalar(v)}" for k, v in plain.items())
+        for k, v in node.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", data)
+    return "\n".join(lines).lstrip("\n") + "\n"

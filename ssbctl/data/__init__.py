@@ -1,0 +1,1 @@
+"""Video decoding, frame backbones, the prepared-feature store and the datasets."""

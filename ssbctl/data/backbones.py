@@ -1,0 +1,63 @@
+"""Frozen frame backbones ("experts") that turn decoded frames into per-frame features.
+
+Each backbone is registered by name. The built-in ``pixels`` backbone needs no weights (frames
+resized small and flattened) and is what the offline demo uses; learned backbones (CLIP, DINOv2
+through ``transformers``) register here the same way.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ssbctl.errors import UserError
+
+
+class Backbone(ABC):
+    """Maps uint8 frames ``(T, H, W, 3)`` to float32 features ``(T, dim)``."""
+
+    name: str
+    dim: int
+
+    @abstractmethod
+    def options(self) -> dict[str, Any]:
+        """Everything needed to rebuild this backbone (written to the manifest)."""
+
+    @abstractmethod
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        """Features of each frame, ``(T, dim)`` float32 on the CPU."""
+
+
+class PixelsBackbone(Backbone):
+    """Frames area-resized to ``size x size``, scaled to [-1, 1] and flattened. No learned weights."""
+
+    name = "pixels"
+
+    def __init__(self, size: int = 16) -> None:
+        if size < 1:
+            raise UserError(f"pixels backbone: size must be >= 1, got {size}")
+        self.size = size
+        self.dim = 3 * size * size
+
+    def options(self) -> dict[str, Any]:
+        return {"size": self.size}
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+        x = F.interpolate(x, size=(self.size, self.size), mode="area")
+        return (x / 127.5 - 1.0).flatten(1)  # (T, 3*size*size)
+
+
+BACKBONES: dict[str, Callable[..., Backbone]] = {"pixels": PixelsBackbone}
+
+
+def build_backbone(name: str, **options: Any) -> Backbone:
+    """A registered backbone by name."""
+    if name not in BACKBONES:
+        raise UserError(f"unknown backbone '{name}'; known: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name](**options)

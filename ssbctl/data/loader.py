@@ -1,0 +1,90 @@
+"""Training pairs from a feature store, batching with padding, and a resumable epoch sampler."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from ssbctl.data.store import FeatureStore
+from ssbctl.model.ssb import Batch
+
+
+class PairDataset(Dataset):
+    """Every (video, caption) pair of one split, with the videos' features held in memory."""
+
+    def __init__(self, store: FeatureStore, split: str) -> None:
+        self.videos = store.split_videos(split)
+        self.features = store.load_features(self.videos)
+        index = {v["video_id"]: i for i, v in enumerate(self.videos)}
+        self.pairs = [(index[c["video_id"]], c["caption"]) for c in store.split_captions(split)
+                      if c["video_id"] in index]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, int]:
+        video, caption = self.pairs[i]
+        return self.features[video], caption, video
+
+    @property
+    def captions(self) -> list[str]:
+        """All captions of the split, in pair order."""
+        return [c for _, c in self.pairs]
+
+
+def pad_frames(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(T_i, dim)`` tensors into ``(B, T, dim)`` with a ``(B, T)`` validity mask."""
+    length = max(f.shape[0] for f in features)
+    out = features[0].new_zeros(len(features), length, features[0].shape[1])
+    mask = torch.zeros(len(features), length, dtype=torch.bool)
+    for i, f in enumerate(features):
+        out[i, : f.shape[0]] = f
+        mask[i, : f.shape[0]] = True
+    return out, mask
+
+
+class Collate:
+    """Pads frame features and tokenises captions into a :class:`Batch` (picklable for workers)."""
+
+    def __init__(self, tokenizer: Any, max_tokens: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask ``(B, L)``."""
+        tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt")
+        return tok["input_ids"], tok["attention_mask"]
+
+    def __call__(self, items: list[tuple[torch.Tensor, str, int]]) -> Batch:
+        frames, mask = pad_frames([f for f, _, _ in items])
+        ids, attention = self.tokenize([c for _, c, _ in items])
+        return Batch([frames], [mask], ids, attention, torch.tensor([v for _, _, v in items]))
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Shuffles the pairs afresh each epoch from ``(seed, epoch)`` alone, so any epoch's batch
+    order can be rebuilt; ``start`` skips the batches a resumed run has already trained on."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size, self.seed = size, min(batch_size, size), seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch and the first batch to yield."""
+        self.epoch, self.start = epoch, start
+
+    def batches(self) -> list[list[int]]:
+        """All full batches of the current epoch (the incomplete last one is dropped)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=gen).tolist()
+        full = self.size // self.batch_size * self.batch_size
+        return [order[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches()[self.start:]
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size - self.start

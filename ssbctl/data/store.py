@@ -1,0 +1,144 @@
+"""The prepared-data folder: manifest, safetensors feature shards, captions and failures.
+
+Layout (``FORMAT_VERSION`` 1)::
+
+    manifest.json                dataset, backbone, sampling, splits, counts, shards, format_version
+    features-00000.safetensors   one (T, dim) float tensor per video id
+    videos.jsonl                 video_id, split, path, num_frames, shard
+    captions.jsonl               video_id, caption, split
+    failures.jsonl               video_id, path, reason (videos that could not be used)
+
+The writer builds everything in a hidden sibling folder and renames it into place at the end,
+so a prepare that dies leaves either the previous store or none, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ssbctl.data.backbones import Backbone
+from ssbctl.data.video import Sampling
+from ssbctl.errors import UserError
+from ssbctl.io import atomic_write_json, atomic_write_text, jsonl_text, read_jsonl
+
+FORMAT_VERSION = 1
+
+
+class StoreWriter:
+    """Collects features and captions video by video; ``commit`` makes the store appear."""
+
+    def __init__(self, root: Path, dataset: str, backbone: Backbone, sampling: Sampling,
+                 shard_size: int = 512) -> None:
+        self.root = Path(root)
+        self.tmp = self.root.parent / f".{self.root.name}.partial"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.dataset, self.backbone, self.sampling, self.shard_size = dataset, backbone, sampling, shard_size
+        self.videos: list[dict[str, Any]] = []
+        self.captions: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self._pending: dict[str, torch.Tensor] = {}
+        self._shards: list[str] = []
+
+    def add(self, video_id: str, split: str, path: str, features: torch.Tensor, captions: list[str]) -> None:
+        """Record one decoded video, its ``(T, dim)`` features and its captions."""
+        self._pending[video_id] = features.contiguous().float()
+        self.videos.append({"video_id": video_id, "split": split, "path": path,
+                            "num_frames": int(features.shape[0]), "shard": len(self._shards)})
+        self.captions.extend({"video_id": video_id, "caption": c, "split": split} for c in captions)
+        if len(self._pending) >= self.shard_size:
+            self._flush()
+
+    def fail(self, video_id: str, path: str, reason: str) -> None:
+        """Record a video that could not be used; preparation goes on."""
+        self.failures.append({"video_id": video_id, "path": path, "reason": reason})
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"features-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, str(self.tmp / name))
+        self._shards.append(name)
+        self._pending = {}
+
+    def commit(self) -> dict[str, Any]:
+        """Write the remaining files and move the finished store into place; return the manifest."""
+        self._flush()
+        splits = Counter(v["split"] for v in self.videos)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dataset": self.dataset,
+            "backbone": {"name": self.backbone.name, "dim": self.backbone.dim, **self.backbone.options()},
+            "sampling": asdict(self.sampling),
+            "splits": {s: {"videos": n, "captions": sum(1 for c in self.captions if c["split"] == s)}
+                       for s, n in sorted(splits.items())},
+            "counts": {"videos": len(self.videos), "captions": len(self.captions),
+                       "failures": len(self.failures)},
+            "shards": self._shards,
+        }
+        atomic_write_text(self.tmp / "videos.jsonl", jsonl_text(self.videos))
+        atomic_write_text(self.tmp / "captions.jsonl", jsonl_text(self.captions))
+        atomic_write_text(self.tmp / "failures.jsonl", jsonl_text(self.failures))
+        atomic_write_json(self.tmp / "manifest.json", manifest)
+        old = self.root.parent / f".{self.root.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.root.exists():
+            self.root.rename(old)
+        self.tmp.rename(self.root)
+        shutil.rmtree(old, ignore_errors=True)
+        return manifest
+
+
+class FeatureStore:
+    """Read access to a prepared-data folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        manifest = self.root / "manifest.json"
+        if not manifest.is_file():
+            raise UserError(f"{self.root} is not a prepared-data folder (no manifest.json)")
+        import json
+
+        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{self.root}: store format {self.manifest.get('format_version')} is not "
+                            f"{FORMAT_VERSION}; prepare it again")
+        self.videos = list(read_jsonl(self.root / "videos.jsonl"))
+        self.captions = list(read_jsonl(self.root / "captions.jsonl"))
+
+    @property
+    def feature_dim(self) -> int:
+        """Size of one frame's feature vector."""
+        return int(self.manifest["backbone"]["dim"])
+
+    def split_videos(self, split: str) -> list[dict[str, Any]]:
+        """Video records of one split, in store order."""
+        rows = [v for v in self.videos if v["split"] == split]
+        if not rows:
+            known = ", ".join(sorted(self.manifest["splits"]))
+            raise UserError(f"split '{split}' has no videos in {self.root} (splits: {known})")
+        return rows
+
+    def split_captions(self, split: str) -> list[dict[str, Any]]:
+        """Caption records of one split, in store order."""
+        return [c for c in self.captions if c["split"] == split]
+
+    def load_features(self, videos: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """The ``(T, dim)`` feature tensors of ``videos``, reading each shard once."""
+        by_shard: dict[int, list[int]] = {}
+        for i, v in enumerate(videos):
+            by_shard.setdefault(v["shard"], []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(videos)
+        for shard, positions in by_shard.items():
+            with safe_open(str(self.root / self.manifest["shards"][shard]), framework="pt") as fh:
+                for i in positions:
+                    out[i] = fh.get_tensor(videos[i]["video_id"])
+        return out  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""Training loop, checkpoint I/O and run loading."""

@@ -1,0 +1,96 @@
+"""Checkpoints: each one a folder written whole under a temp name and then renamed.
+
+``RUN/checkpoints/step-00000120/`` holds ``model.safetensors`` (the unwrapped model's weights),
+``trainer.pt`` (optimizer, scheduler, scaler and RNG states; tensors and plain containers only,
+read back with ``weights_only=True``) and ``state.json`` (step, epoch, position in the epoch).
+``RUN/checkpoints/latest`` names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_model, save_model
+
+from ssbctl.errors import UserError
+from ssbctl.io import atomic_write_json, atomic_write_text
+
+CHECKPOINTS = "checkpoints"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel and/or ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, trainer: dict[str, Any], state: dict[str, Any],
+                    keep: int) -> Path:
+    """Write a checkpoint for ``state["step"]``, point ``latest`` at it, prune old ones."""
+    root = Path(run_dir) / CHECKPOINTS
+    name = f"step-{state['step']:08d}"
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(unwrap_model(model), str(tmp / "model.safetensors"))
+    torch.save(trainer, tmp / "trainer.pt")
+    atomic_write_json(tmp / "state.json", state)
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    atomic_write_text(root / "latest", name + "\n")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    root = Path(run_dir) / CHECKPOINTS
+    pointer = root / "latest"
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "state.json").is_file():
+            return path
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def find_checkpoint(run_dir: Path, name: str | None = None) -> Path:
+    """A named checkpoint (``step-00000100``, a step number, or a path), else the latest."""
+    if name:
+        for path in (Path(name), Path(run_dir) / CHECKPOINTS / name,
+                     Path(run_dir) / CHECKPOINTS / f"step-{int(name):08d}" if name.isdigit() else None):
+            if path is not None and (path / "model.safetensors").is_file():
+                return path
+        raise UserError(f"checkpoint '{name}' not found in {run_dir}")
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise UserError(f"{run_dir} has no checkpoint")
+    return found
+
+
+def load_weights(model: nn.Module, checkpoint: Path) -> None:
+    """Load ``model.safetensors`` into the unwrapped model (all keys must match)."""
+    missing, unexpected = load_model(unwrap_model(model), str(Path(checkpoint) / "model.safetensors"),
+                                     strict=False)
+    if missing or unexpected:
+        raise UserError(f"{checkpoint}: weights do not fit the model (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+
+
+def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The optimizer/scheduler/scaler/RNG states and ``state.json`` of a checkpoint."""
+    trainer = torch.load(Path(checkpoint) / "trainer.pt", map_location="cpu", weights_only=True)
+    state = json.loads((Path(checkpoint) / "state.json").read_text())
+    return trainer, state

@@ -1,0 +1,92 @@
+"""A run folder: its resolved recipe, its text-model description, and loading a trained model.
+
+``RUN/recipe.toml`` is the complete recipe the run trained with (model config resolved, decoder
+vocabulary size and input dims filled in); ``RUN/text_encoder/`` holds the tokenizer and the
+text model's ``config.json`` (no weights: those are in each checkpoint), so a run loads without
+the network and without the original pretrained files.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssbctl.config import Recipe, dump_toml, read_toml, recipe_from_dict, to_dict
+from ssbctl.engine.checkpoint import find_checkpoint, load_weights
+from ssbctl.errors import UserError
+from ssbctl.io import atomic_write_text
+from ssbctl.model.ssb import SSBModel
+from ssbctl.model.text_encoder import text_backbone_from_folder
+
+RECIPE_FILE = "recipe.toml"
+TEXT_DIR = "text_encoder"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def write_run_files(run_dir: Path, recipe: Recipe, tokenizer: Any, text_config: Any) -> None:
+    """Save the resolved recipe and the text model's tokenizer and config into the run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{TEXT_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    text_config.save_pretrained(tmp)
+    shutil.rmtree(run_dir / TEXT_DIR, ignore_errors=True)
+    tmp.rename(run_dir / TEXT_DIR)
+    write_recipe(run_dir, recipe)
+
+
+def write_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """Save the resolved recipe, headed by the command that continues the run."""
+    header = f"# Resolved recipe of this run. Continue it with:\n#   ssbctl train --resume --out {run_dir}"
+    atomic_write_text(Path(run_dir) / RECIPE_FILE, dump_toml(to_dict(recipe), header))
+
+
+def read_run_recipe(run_dir: Path) -> Recipe:
+    """The resolved recipe a run was trained with."""
+    path = Path(run_dir) / RECIPE_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no {RECIPE_FILE})")
+    return recipe_from_dict(read_toml(path), resolve_model=False)
+
+
+def build_run_model(run_dir: Path, recipe: Recipe) -> tuple[SSBModel, Any]:
+    """The run's architecture with untrained weights, and its tokenizer."""
+    backbone, tokenizer = text_backbone_from_folder(Path(run_dir) / TEXT_DIR)
+    return SSBModel(recipe.model, recipe.loss, backbone, len(tokenizer)), tokenizer
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready to embed videos and text."""
+
+    run_dir: Path
+    recipe: Recipe
+    model: SSBModel
+    tokenizer: Any
+    checkpoint: Path
+    device: torch.device
+
+
+def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str = "auto") -> LoadedRun:
+    """Load a run's model from its latest (or a named) checkpoint, in eval mode."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    recipe = read_run_recipe(run_dir)
+    ckpt = find_checkpoint(run_dir, checkpoint)
+    model, tokenizer = build_run_model(run_dir, recipe)
+    load_weights(model, ckpt)
+    dev = resolve_device(device)
+    return LoadedRun(run_dir, recipe, model.to(dev).eval(), tokenizer, ckpt, dev)

@@ -1,0 +1,31 @@
+"""Choosing the recipe and run folder for a training command (fresh or resumed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ssbctl.config import Recipe, deep_merge, load_recipe, parse_override, recipe_from_dict, to_dict
+from ssbctl.engine.run import read_run_recipe
+from ssbctl.errors import UserError
+
+
+def resolve_recipe(recipe: str | None, overrides: list[str], output: Path | None,
+                   resume: bool) -> tuple[Recipe, Path]:
+    """The recipe to train and the run folder.
+
+    Fresh: the named recipe with overrides; the folder is ``--out`` or ``train.output_dir``.
+    Resume: the run's own resolved recipe with overrides on top (to extend ``train.epochs``,
+    say), so a resumed run never silently switches recipe.
+    """
+    if resume:
+        run_dir = output or (Path(load_recipe(recipe).train.output_dir) if recipe else None)
+        if run_dir is None:
+            raise UserError("--resume needs --out RUN (or the --recipe whose output_dir to continue)")
+        raw = to_dict(read_run_recipe(run_dir))
+        for item in overrides:
+            raw = deep_merge(raw, parse_override(item))
+        return recipe_from_dict(raw, resolve_model=False), Path(run_dir)
+    if recipe is None:
+        raise UserError("--recipe is required (a name such as 'shapes', or a TOML file)")
+    loaded = load_recipe(recipe, overrides)
+    return loaded, Path(output or loaded.train.output_dir)

@@ -1,0 +1,306 @@
+"""The training loop: AdamW with warmup and cosine decay, AMP on CUDA, checkpoints and resume.
+
+A resumed run continues the exact sequence of batches and random numbers of the run it
+continues: the sampler order depends only on (seed, epoch), the position in the epoch is saved,
+and every RNG state is checkpointed. On the CPU a killed-and-resumed run ends with the same
+weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader
+
+from ssbctl.config import Recipe, TrainConfig
+from ssbctl.data.loader import Collate, EpochBatchSampler, PairDataset
+from ssbctl.data.store import FeatureStore
+from ssbctl.engine.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
+from ssbctl.engine.run import build_run_model, resolve_device, write_recipe, write_run_files
+from ssbctl.errors import UserError
+from ssbctl.evaluation.evaluate import evaluate_split
+from ssbctl.io import append_jsonl
+from ssbctl.model.ssb import Batch, SSBModel, build_model
+from ssbctl.paths import resolve_prepared
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(Exception):
+    """Training cannot go on (for example: the loss stays non-finite)."""
+
+
+class Reporter(Protocol):
+    """Where the trainer reports progress (the CLI draws a rich progress bar)."""
+
+    def start(self, total: int, done: int) -> None: ...
+    def step(self, step: int, terms: dict[str, float], clips_per_s: float) -> None: ...
+    def note(self, text: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class SilentReporter:
+    """Reports nothing (library use and tests)."""
+
+    def start(self, total: int, done: int) -> None: ...
+    def step(self, step: int, terms: dict[str, float], clips_per_s: float) -> None: ...
+    def note(self, text: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved as ``state.json`` in every checkpoint."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # batches of the current epoch already consumed
+    nonfinite_steps: int = 0  # batches skipped because the loss was not finite
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. AMP is for CUDA: the CPU always trains in fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: SSBModel, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; the pretrained text backbone at ``text_lr``; no decay on biases, norms, scales."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = (name.startswith("text.backbone."), p.ndim < 2)
+            groups.setdefault(key, []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "lr": cfg.text_lr if pretrained else cfg.lr,
+          "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+         for (pretrained, no_decay), ps in sorted(groups.items())])
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG state training depends on."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` saved."""
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class Trainer:
+    """Trains ``recipe`` into ``run_dir``; ``fit`` runs to the end or until stopped by a signal."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, resume: bool = False,
+                 reporter: Reporter | None = None) -> None:
+        self.cfg = recipe.train
+        self.run_dir = Path(run_dir)
+        self.reporter = reporter or SilentReporter()
+        self.device = resolve_device(self.cfg.device)
+        self.amp = amp_dtype(self.cfg.precision, self.device)
+        self.store = FeatureStore(resolve_prepared(recipe.data.prepared))
+        self.dataset = PairDataset(self.store, recipe.data.train_split)
+        checkpoint = self._checkpoint_to_resume(resume)
+        torch.manual_seed(self.cfg.seed)
+        if checkpoint is None:
+            model, self.tokenizer, model_cfg = build_model(
+                recipe.model, recipe.loss, (self.store.feature_dim,), self.dataset.captions)
+            recipe = dataclasses.replace(recipe, model=model_cfg)
+            write_run_files(self.run_dir, recipe, self.tokenizer, model.text.backbone.config)
+        else:
+            model, self.tokenizer = build_run_model(self.run_dir, recipe)
+            write_recipe(self.run_dir, recipe)  # overrides given on resume (more epochs) are kept
+        self.recipe = recipe
+        self.model = model.to(self.device)
+        self.sampler = EpochBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed)
+        self.steps_per_epoch = len(self.sampler.batches())
+        self.total_steps = self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, self.cfg))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.state = TrainState()
+        self.saved_step = -1
+        self.stop_signal: int | None = None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.model.text.warm_cache(self.tokenizer, self.dataset.captions)
+
+    # ------------------------------------------------------------ setup and state
+
+    def _checkpoint_to_resume(self, resume: bool) -> Path | None:
+        found = latest_checkpoint(self.run_dir)
+        if resume and found is None:
+            raise UserError(f"nothing to resume: {self.run_dir} has no checkpoint")
+        if not resume and found is not None:
+            raise UserError(f"{self.run_dir} already has checkpoints; pass --resume to continue it "
+                            f"or choose another --out")
+        return found
+
+    def _restore(self, checkpoint: Path) -> None:
+        load_weights(self.model, checkpoint)
+        trainer, state = load_trainer_state(checkpoint)
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        self.scaler.load_state_dict(trainer["scaler"])
+        set_rng_states(trainer["rng"])
+        self.state = TrainState(**state["trainer"])
+        self.saved_step = self.state.step
+        self.reporter.note(f"resumed from {checkpoint.name} (epoch {self.state.epoch + 1}, "
+                           f"step {self.state.step})")
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step."""
+        trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                   "scaler": self.scaler.state_dict(), "rng": rng_states()}
+        path = save_checkpoint(self.run_dir, self.model, trainer,
+                               {"step": self.state.step, "trainer": dataclasses.asdict(self.state)},
+                               self.cfg.keep_checkpoints)
+        self.saved_step = self.state.step
+        return path
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``total_steps`` (or a stop signal); return a summary."""
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler,
+                            collate_fn=Collate(self.tokenizer, self.recipe.model.text.max_tokens),
+                            num_workers=self.recipe.data.num_workers,
+                            pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator())  # keeps worker seeding off the global RNG
+        self.model.train()
+        self.reporter.start(self.total_steps, self.state.step)
+        last_eval: dict[str, Any] | None = None
+        with _StopOnSignal(self):
+            while self.state.step < self.total_steps and self.stop_signal is None:
+                self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
+                self._run_epoch(loader)
+                if self.state.batch_in_epoch >= self.steps_per_epoch:
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+                    last_eval = self._end_of_epoch() or last_eval
+            if self.saved_step != self.state.step:
+                self.save()
+        self.reporter.stop()
+        return {"run_dir": str(self.run_dir), "steps": self.state.step, "epochs": self.state.epoch,
+                "nonfinite_steps": self.state.nonfinite_steps, "eval": last_eval,
+                "stopped_by": signal.Signals(self.stop_signal).name if self.stop_signal else None}
+
+    def _run_epoch(self, loader: DataLoader) -> None:
+        window: dict[str, float] = {}
+        count, clips, tick = 0, 0, time.perf_counter()
+        consecutive_bad = 0
+        for batch in loader:
+            terms = self._train_step(batch)
+            self.state.batch_in_epoch += 1
+            if terms is None:
+                consecutive_bad += 1
+                if consecutive_bad >= self.cfg.max_nonfinite:
+                    raise TrainingError(f"loss was non-finite {consecutive_bad} times in a row at step "
+                                        f"{self.state.step}; lower train.lr or check the data")
+                continue
+            consecutive_bad = 0
+            for k, v in terms.items():
+                window[k] = window.get(k, 0.0) + v
+            count, clips = count + 1, clips + batch.input_ids.shape[0]
+            rate = clips / max(time.perf_counter() - tick, 1e-9)
+            self.reporter.step(self.state.step, terms, rate)
+            if self.state.step % self.cfg.log_every == 0:
+                self._log({k: v / count for k, v in window.items()}, rate)
+                window, count, clips, tick = {}, 0, 0, time.perf_counter()
+            if self.cfg.ckpt_every and self.state.step % self.cfg.ckpt_every == 0:
+                self.save()
+            if self.state.step >= self.total_steps or self.stop_signal is not None:
+                return
+
+    def _train_step(self, batch: Batch) -> dict[str, float] | None:
+        """One optimizer step; None (and nothing updated) when the loss is not finite."""
+        batch = batch.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            terms = self.model(batch)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            self.state.nonfinite_steps += 1
+            self.reporter.note(f"step {self.state.step + 1}: non-finite loss, batch skipped")
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.state.step += 1
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _log(self, terms: dict[str, float], clips_per_s: float) -> None:
+        row = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.scheduler.get_last_lr()[-1],
+               **terms, "temperature": float(torch.exp(-self.model.log_logit_scale.detach())),
+               "clips_per_s": clips_per_s, "time": time.time()}
+        append_jsonl(self.run_dir / METRICS_FILE, row)
+
+    def _end_of_epoch(self) -> dict[str, Any] | None:
+        result = None
+        split = self.recipe.data.eval_split
+        if split:
+            result = evaluate_split(self.model, self.tokenizer, self.store, split, self.device)
+            append_jsonl(self.run_dir / METRICS_FILE,
+                         {"step": self.state.step, "epoch": self.state.epoch, "eval": result})
+            t2v = result["t2v"]
+            self.reporter.note(f"epoch {self.state.epoch}: {split} text-to-video R@1 {t2v['R1']:.1f} "
+                               f"R@5 {t2v['R5']:.1f} R@10 {t2v['R10']:.1f} MdR {t2v['MdR']:g}")
+        if not self.cfg.ckpt_every:
+            self.save()
+        return result
+
+
+class _StopOnSignal:
+    """While training, SIGTERM and SIGINT ask the loop to checkpoint and return cleanly."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.trainer.stop_signal = signum
+        self.trainer.reporter.note(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping")
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train(recipe: Recipe, run_dir: Path, resume: bool = False,
+          reporter: Reporter | None = None) -> dict[str, Any]:
+    """Train ``recipe`` into ``run_dir`` (continuing its latest checkpoint with ``resume``)."""
+    return Trainer(recipe, run_dir, resume, reporter).fit()

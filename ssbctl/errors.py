@@ -1,0 +1,5 @@
+"""Errors that the CLI reports on one line with exit code 2, without a traceback."""
+
+
+class UserError(Exception):
+    """A problem with what the user gave: a bad recipe, a missing file, an unknown name."""

@@ -1,0 +1,85 @@
+"""Contrastive (InfoNCE, max-margin) and captioning losses of the SSB objective.
+
+Every contrastive loss takes the video id of each pair, so that two captions of the same video
+in one batch are positives for each other's video instead of false negatives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ssbctl.config import LossConfig
+
+IGNORE_INDEX = -100
+
+
+def same_video(video_ids: torch.Tensor) -> torch.Tensor:
+    """``(B, B)`` bool: pairs ``(i, j)`` that show the same video."""
+    return video_ids[:, None] == video_ids[None, :]
+
+
+def infonce_loss(text: torch.Tensor, video: torch.Tensor, video_ids: torch.Tensor,
+                 logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of normalised ``text`` and ``video`` embeddings ``(B, D)``.
+
+    Each row's loss is ``-log`` of the softmax mass on all its positives (pairs of the same video).
+    """
+    logits = logit_scale * text @ video.t()  # (B, B): caption i vs video j
+    positive = same_video(video_ids)
+    neg_inf = torch.finfo(logits.dtype).min
+
+    def one_way(l: torch.Tensor) -> torch.Tensor:
+        pos = torch.logsumexp(l.masked_fill(~positive, neg_inf), dim=1)
+        return (torch.logsumexp(l, dim=1) - pos).mean()
+
+    return 0.5 * (one_way(logits) + one_way(logits.t()))
+
+
+def max_margin_loss(text: torch.Tensor, video: torch.Tensor, video_ids: torch.Tensor,
+                    margin: float) -> torch.Tensor:
+    """Bidirectional max-margin ranking loss (the paper's choice), summed over negatives.
+
+    For each positive pair ``(i, i)``: ``sum_j [m + s_ij - s_ii]_+ + [m + s_ji - s_ii]_+`` over
+    the ``j`` that show another video, averaged over the batch.
+    """
+    sims = text @ video.t()  # (B, B)
+    pos = sims.diagonal()
+    negative = ~same_video(video_ids)
+    t2v = (margin + sims - pos[:, None]).clamp(min=0) * negative
+    v2t = (margin + sims - pos[None, :]).clamp(min=0) * negative
+    return (t2v.sum() + v2t.sum()) / sims.shape[0]
+
+
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced token cross-entropy, ``logits (B, L, V)``, ``targets (B, L)`` with -100 as padding."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class SSBLoss(nn.Module):
+    """``L = L_contrastive + lambda * L_caption``, returned as named terms."""
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.max_log_scale = math.log(cfg.max_logit_scale)
+
+    def forward(self, text: torch.Tensor, video: torch.Tensor, video_ids: torch.Tensor,
+                log_scale: torch.Tensor, caption_logits: torch.Tensor | None = None,
+                caption_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms; ``loss`` is the one to minimise."""
+        if self.cfg.contrastive == "infonce":
+            scale = log_scale.clamp(max=self.max_log_scale).exp()
+            contrastive = infonce_loss(text.float(), video.float(), video_ids, scale)
+        else:
+            contrastive = max_margin_loss(text.float(), video.float(), video_ids, self.cfg.margin)
+        out = {"contrastive_loss": contrastive}
+        total = contrastive
+        if caption_logits is not None and caption_targets is not None:
+            out["caption_loss"] = caption_loss(caption_logits, caption_targets)
+            total = total + self.cfg.caption_weight * out["caption_loss"]
+        out["loss"] = total
+        return out

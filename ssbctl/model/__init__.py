@@ -1,0 +1,5 @@
+"""The SSB model: video encoder, text encoder, support-set bottleneck and caption decoder."""
+
+from ssbctl.model.ssb import Batch, SSBModel
+
+__all__ = ["Batch", "SSBModel"]

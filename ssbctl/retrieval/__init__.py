@@ -1,0 +1,5 @@
+"""Video search indexes: build from a run and prepared data, exact top-k search."""
+
+from ssbctl.retrieval.index import Index, topk_search
+
+__all__ = ["Index", "topk_search"]

@@ -1,0 +1,91 @@
+"""An index folder of video embeddings, and exact top-k search over it in bounded memory.
+
+Layout: ``index.json`` (format, run, checkpoint, dim, count, dtype), ``embeddings.safetensors``
+(``embeddings``: ``(N, D)`` L2-normalised) and ``videos.jsonl`` (video_id, path, split).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ssbctl.errors import UserError
+from ssbctl.io import atomic_write_json, atomic_write_text, jsonl_text, read_jsonl
+
+FORMAT_VERSION = 1
+
+
+def topk_search(queries: torch.Tensor, gallery: torch.Tensor, k: int,
+                chunk: int = 262_144) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` inner products of ``queries (Q, D)`` over ``gallery (N, D)``.
+
+    The gallery is scanned in chunks and a running top-k is merged, so memory is bounded by
+    ``Q x (chunk + k)`` scores whatever N is. Returns scores and gallery rows, best first.
+    """
+    k = min(k, gallery.shape[0])
+    best_scores = queries.new_full((queries.shape[0], 0), float("-inf"))
+    best_rows = torch.zeros(queries.shape[0], 0, dtype=torch.long)
+    for start in range(0, gallery.shape[0], chunk):
+        scores = queries @ gallery[start:start + chunk].to(queries.dtype).t()  # (Q, c)
+        top = scores.topk(min(k, scores.shape[1]), dim=1)
+        merged = torch.cat([best_scores, top.values], dim=1)
+        rows = torch.cat([best_rows, top.indices + start], dim=1)
+        keep = merged.topk(min(k, merged.shape[1]), dim=1)
+        best_scores, best_rows = keep.values, rows.gather(1, keep.indices)
+    return best_scores, best_rows
+
+
+@dataclass
+class Index:
+    """Embeddings of a set of videos plus where each came from."""
+
+    embeddings: torch.Tensor  # (N, D)
+    videos: list[dict[str, Any]]  # video_id, path, split
+    meta: dict[str, Any] = field(default_factory=dict)  # run, checkpoint, ...
+
+    def __post_init__(self) -> None:
+        if self.embeddings.shape[0] != len(self.videos):
+            raise ValueError("one video record per embedding row is required")
+
+    def search(self, queries: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
+        """Top-``k`` videos for each normalised query ``(Q, D)``: rank, video_id, score, path."""
+        scores, rows = topk_search(queries.float(), self.embeddings.float(), k)
+        return [[{"rank": r + 1, "video_id": self.videos[i]["video_id"], "score": float(s),
+                  "path": self.videos[i]["path"]} for r, (s, i) in enumerate(zip(srow.tolist(), irow.tolist()))]
+                for srow, irow in zip(scores, rows)]
+
+    def save(self, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+        """Write the index folder whole (temp folder, then rename)."""
+        folder = Path(folder)
+        tmp = folder.parent / f".{folder.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({"embeddings": self.embeddings.to(dtype).contiguous()}, str(tmp / "embeddings.safetensors"))
+        atomic_write_text(tmp / "videos.jsonl", jsonl_text(self.videos))
+        atomic_write_json(tmp / "index.json", {"format_version": FORMAT_VERSION, "count": len(self.videos),
+                                               "dim": int(self.embeddings.shape[1]),
+                                               "dtype": str(dtype).removeprefix("torch."), **self.meta})
+        old = folder.parent / f".{folder.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def load(cls, folder: Path) -> "Index":
+        """Read an index folder."""
+        folder = Path(folder)
+        if not (folder / "index.json").is_file():
+            raise UserError(f"no index at {folder}; build one with `ssbctl index` or run `ssbctl demo`")
+        meta = json.loads((folder / "index.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{folder}: index format {meta.get('format_version')} is not {FORMAT_VERSION}")
+        embeddings = load_file(str(folder / "embeddings.safetensors"))["embeddings"]
+        return cls(embeddings, list(read_jsonl(folder / "videos.jsonl")), meta)
