@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A problem with what the user gave: a bad recipe, a missing file, an unknown name."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (for example: the loss stays non-finite); exit code 1."""

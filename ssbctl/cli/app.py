@@ -8,7 +8,7 @@ import click
 import typer
 
 from ssbctl.cli import demo, evaluate, index, prepare, retrieve, train
-from ssbctl.errors import UserError
+from ssbctl.errors import TrainingError, UserError
 
 app = typer.Typer(name="ssbctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Support-Set Bottlenecks for video-text retrieval: prepare, train, evaluate, retrieve.")
@@ -20,8 +20,6 @@ for module in (prepare, train, evaluate, index, retrieve, demo):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 failure, 2 user error, 130 interrupted."""
-    from ssbctl.engine.trainer import TrainingError
-
     try:
         app(args=argv, prog_name="ssbctl", standalone_mode=False)
     except UserError as exc:

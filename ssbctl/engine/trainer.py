@@ -24,18 +24,14 @@ from ssbctl.config import Recipe, TrainConfig
 from ssbctl.data.loader import Collate, EpochBatchSampler, PairDataset
 from ssbctl.data.store import FeatureStore
 from ssbctl.engine.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
-from ssbctl.engine.run import build_run_model, resolve_device, write_recipe, write_run_files
-from ssbctl.errors import UserError
+from ssbctl.engine.run import build_run_model, read_run_recipe, resolve_device, write_recipe, write_run_files
+from ssbctl.errors import TrainingError, UserError
 from ssbctl.evaluation.evaluate import evaluate_split
 from ssbctl.io import append_jsonl
 from ssbctl.model.ssb import Batch, SSBModel, build_model
 from ssbctl.paths import resolve_prepared
 
 METRICS_FILE = "metrics.jsonl"
-
-
-class TrainingError(Exception):
-    """Training cannot go on (for example: the loss stays non-finite)."""
 
 
 class Reporter(Protocol):
@@ -128,7 +124,8 @@ class Trainer:
                 recipe.model, recipe.loss, (self.store.feature_dim,), self.dataset.captions)
             recipe = dataclasses.replace(recipe, model=model_cfg)
             write_run_files(self.run_dir, recipe, self.tokenizer, model.text.backbone.config)
-        else:
+        else:  # the architecture is the run's own, whatever model the given recipe names
+            recipe = dataclasses.replace(recipe, model=read_run_recipe(self.run_dir).model)
             model, self.tokenizer = build_run_model(self.run_dir, recipe)
             write_recipe(self.run_dir, recipe)  # overrides given on resume (more epochs) are kept
         self.recipe = recipe

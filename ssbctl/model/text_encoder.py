@@ -88,6 +88,9 @@ class TextEncoder(nn.Module):
         self.proj = nn.Linear(backbone.config.hidden_size, embed_dim)
         self.frozen = cfg.trainable_layers == 0
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+        pooler = getattr(backbone, "pooler", None)
+        if cfg.pooling != "pooler" and isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)  # unused: no gradient reaches it (and DDP would object)
         if cfg.trainable_layers >= 0:
             backbone.requires_grad_(False)
             stack = _layer_stack(backbone)

@@ -1,0 +1,79 @@
+"""Recipes and model configs: every shipped one validates; bad ones name the offending key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from ssbctl.config import (Recipe, dump_toml, load_model_config, load_recipe, parse_override,
+                           recipe_from_dict, to_dict)
+from ssbctl.errors import UserError
+from ssbctl.paths import find_config, shipped_configs
+
+
+@pytest.mark.parametrize("name", sorted(shipped_configs("recipes")))
+def test_every_shipped_recipe_loads_and_opens_with_its_launch_command(name: str) -> None:
+    recipe = load_recipe(name)
+    assert isinstance(recipe, Recipe)
+    text = find_config("recipes", name).read_text()
+    assert text.startswith("# Launch:"), "a recipe opens with its launch command"
+    assert "ssbctl train --recipe" in text.split("\n\n")[0]
+
+
+@pytest.mark.parametrize("name", sorted(shipped_configs("models")))
+def test_every_shipped_model_config_loads_and_has_a_card(name: str) -> None:
+    cfg = load_model_config(name)
+    assert cfg.name == name
+    assert find_config("models", name).with_suffix(".md").is_file()
+
+
+def test_recipe_found_by_path_and_by_bare_name() -> None:
+    by_name = load_recipe("shapes")
+    by_path = load_recipe(Path(__file__).parents[1] / "recipes" / "shapes.toml")
+    assert by_name == by_path
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lerning_rate=1.0", "train.lerning_rate"),
+    ("model.video.layerz=2", "model.video.layerz"),
+    ("train.epochs=\"ten\"", "train.epochs"),
+    ("train.batch_size=1", "train.batch_size"),
+    ("model.support.mask=\"diagonal\"", "model.support.mask"),
+    ("train.precision=\"fp8\"", "train.precision"),
+    ("loss.caption_weight=true", "loss.caption_weight"),
+])
+def test_bad_values_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(UserError) as err:
+        load_recipe("shapes", [override])
+    assert f"'{key}'" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_overrides_parse_toml_values_and_bare_strings() -> None:
+    assert parse_override("train.lr=3e-4") == {"train": {"lr": 3e-4}}
+    assert parse_override("model.support.mask=none") == {"model": {"support": {"mask": "none"}}}
+    assert parse_override("model.video.input_dims=[4, 8]") == {"model": {"video": {"input_dims": [4, 8]}}}
+    with pytest.raises(UserError):
+        parse_override("no-equals-sign")
+    recipe = load_recipe("shapes", ["train.lr=3e-4", "model.support.mask=full", "train.epochs=2"])
+    assert recipe.train.lr == 3e-4 and recipe.model.support.mask == "full" and recipe.train.epochs == 2
+
+
+def test_int_accepted_where_float_expected() -> None:
+    assert load_recipe("shapes", ["train.lr=1"]).train.lr == 1.0
+
+
+def test_resolved_recipe_round_trips_through_toml() -> None:
+    recipe = load_recipe("shapes", ["model.video.input_dims=[768]", "train.seed=7"])
+    text = dump_toml(to_dict(recipe), "# header")
+    again = recipe_from_dict(tomllib.loads(text), resolve_model=False)
+    assert again == recipe
+
+
+def test_unknown_recipe_and_model_names_are_user_errors() -> None:
+    with pytest.raises(UserError, match="unknown recipe 'nope'"):
+        load_recipe("nope")
+    with pytest.raises(UserError, match="unknown model"):
+        load_recipe("shapes", ["model.name=\"no-such-model\""])

@@ -1,0 +1,127 @@
+"""The SSB model: support-set masks, gradients into every part, normalised embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssbctl.config import LossConfig, SupportSetConfig, load_recipe
+from ssbctl.data.loader import Collate, PairDataset
+from ssbctl.data.store import FeatureStore
+from ssbctl.model.ssb import SSBModel, build_model
+from ssbctl.model.support_set import SupportSetBottleneck, support_mask
+
+
+def test_cross_mask_never_attends_to_the_sample_or_its_own_video() -> None:
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4])
+    bottleneck = SupportSetBottleneck(SupportSetConfig(mask="cross", temperature=0.01), 16, 8)
+    video = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    video[2] = video[1]  # identical embeddings: attention would love itself if it could
+    weights = bottleneck.attention(video, ids)
+    same = ids[:, None] == ids[None, :]
+    assert torch.all(weights[same] == 0)
+    assert torch.all(weights.diagonal() == 0)
+    torch.testing.assert_close(weights.sum(1), torch.ones(8))
+
+
+def test_identity_full_and_empty_rows() -> None:
+    ids = torch.tensor([0, 1, 2])
+    assert torch.equal(support_mask("identity", ids), torch.eye(3, dtype=torch.bool))
+    assert support_mask("full", ids).all()
+    bottleneck = SupportSetBottleneck(SupportSetConfig(mask="identity"), 4, 4)
+    weights = bottleneck.attention(torch.randn(3, 4), ids)
+    torch.testing.assert_close(weights, torch.eye(3))
+    lonely = SupportSetBottleneck(SupportSetConfig(mask="cross"), 4, 4)
+    memory, weights = lonely(torch.randn(2, 4), torch.tensor([7, 7]))  # nothing else to draw from
+    assert torch.all(weights == 0) and torch.all(memory == 0) and torch.isfinite(memory).all()
+
+
+def _tiny_model(store: Path, text_model: Path, mask: str = "cross", trainable: int = -1):
+    recipe = load_recipe("shapes", [
+        f'model.text.pretrained="{text_model}"', f"model.text.trainable_layers={trainable}",
+        "model.embed_dim=32", "model.video.hidden_dim=32", "model.video.heads=2", "model.video.layers=1",
+        "model.decoder.hidden_dim=32", "model.decoder.heads=2", "model.decoder.layers=1",
+        f'model.support.mask="{mask}"', "model.text.max_tokens=16"])
+    data = PairDataset(FeatureStore(store), "train")
+    torch.manual_seed(0)
+    model, tokenizer, cfg = build_model(recipe.model, recipe.loss, (FeatureStore(store).feature_dim,), data.captions)
+    batch = Collate(tokenizer, 16)([data[i] for i in range(8)])
+    return model, tokenizer, cfg, batch
+
+
+def test_gradients_reach_both_encoders_and_the_decoder(shapes_store: Path, tiny_text_model: Path) -> None:
+    model, _, cfg, batch = _tiny_model(shapes_store, tiny_text_model)
+    out = model(batch)
+    assert set(out) == {"loss", "contrastive_loss", "caption_loss"}
+    out["loss"].backward()
+    parts = {"video": model.video, "text backbone": model.text.backbone, "text proj": model.text.proj,
+             "support": model.support, "decoder": model.decoder}
+    for name, module in parts.items():
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads), name
+        assert sum(float(g.abs().sum()) for g in grads) > 0, name
+    assert model.log_logit_scale.grad is not None
+    # the caption loss alone reaches the video encoder through the bottleneck
+    model.zero_grad()
+    model(batch)["caption_loss"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in model.video.parameters()) > 0
+    assert cfg.decoder.vocab_size == model.decoder.head.out_features
+
+
+def test_mask_none_is_contrastive_only(shapes_store: Path, tiny_text_model: Path) -> None:
+    model, _, _, batch = _tiny_model(shapes_store, tiny_text_model, mask="none")
+    assert model.decoder is None and set(model(batch)) == {"loss", "contrastive_loss"}
+
+
+def test_embeddings_are_normalised(shapes_store: Path, tiny_text_model: Path) -> None:
+    model, _, _, batch = _tiny_model(shapes_store, tiny_text_model)
+    v = model.encode_video(batch.video, batch.video_mask)
+    t = model.encode_text(batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(8))
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(8))
+
+
+def test_frozen_text_encoder_caches_exactly_what_it_computes(shapes_store: Path, tiny_text_model: Path) -> None:
+    model, tokenizer, _, batch = _tiny_model(shapes_store, tiny_text_model, trainable=0)
+    assert not any(p.requires_grad for p in model.text.backbone.parameters())
+    model.train()
+    first = model.text(batch.input_ids, batch.attention_mask)
+    assert len(model.text._cache) == len({tuple(r[m.bool()].tolist()) for r, m in zip(batch.input_ids, batch.attention_mask)})
+    again = model.text(batch.input_ids, batch.attention_mask)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    model.text.frozen = False
+    model.text.backbone.eval()
+    torch.testing.assert_close(model.text(batch.input_ids, batch.attention_mask), first, rtol=1e-5, atol=1e-5)
+
+
+def test_top_layers_only(shapes_store: Path, tiny_text_model: Path) -> None:
+    model, *_ = _tiny_model(shapes_store, tiny_text_model, trainable=1)
+    layers = model.text.backbone.encoder.layer
+    assert all(p.requires_grad for p in layers[1].parameters())
+    assert not any(p.requires_grad for p in layers[0].parameters())
+    assert not any(p.requires_grad for p in model.text.backbone.embeddings.parameters())
+
+
+def test_builtin_minilm_loads_offline() -> None:
+    from ssbctl.model.text_encoder import load_text_backbone
+
+    backbone, tokenizer = load_text_backbone("builtin:all-MiniLM-L6-v2")
+    assert backbone.config.hidden_size == 384 and backbone.config.num_hidden_layers == 6
+    with torch.no_grad():
+        enc = tokenizer(["a red ball slides left", "a red circle moves to the left", "a blue box spins"],
+                        return_tensors="pt", padding=True)
+        states = backbone(**enc).last_hidden_state
+        pooled = torch.nn.functional.normalize((states * enc["attention_mask"][..., None]).sum(1), dim=-1)
+    sims = pooled @ pooled.t()
+    assert sims[0, 1] > sims[0, 2], "real pretrained weights: paraphrases are closer than unrelated captions"
+
+
+def test_unreachable_text_model_is_a_user_error() -> None:
+    from ssbctl.errors import UserError
+    from ssbctl.model.text_encoder import load_text_backbone
+
+    with pytest.raises(UserError, match="cannot load text model"):
+        load_text_backbone("no-such-org/no-such-model")

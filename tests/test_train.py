@@ -1,0 +1,135 @@
+"""Training: the loss falls, the run folder is complete, and a stopped or killed run resumes
+to exactly the weights of an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ssbctl.config import deep_merge, dump_toml, load_recipe, parse_override, read_toml
+from ssbctl.paths import find_config
+from ssbctl.engine.checkpoint import latest_checkpoint
+from ssbctl.engine.trainer import SilentReporter, Trainer, lr_factor, train
+from ssbctl.errors import UserError
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_training_lowers_the_loss_and_writes_a_complete_run(tiny_recipe_args, tmp_path: Path) -> None:
+    recipe = load_recipe("shapes", tiny_recipe_args("run", **{"train.epochs": 8}))
+    summary = train(recipe, tmp_path / "run")
+    assert summary["steps"] == 8 * 4 and summary["epochs"] == 8 and summary["stopped_by"] is None
+    run = tmp_path / "run"
+    assert (run / "recipe.toml").read_text().startswith("# Resolved recipe")
+    assert (run / "text_encoder" / "config.json").is_file() and (run / "text_encoder" / "tokenizer.json").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval" in r]
+    assert len(steps) == 32 and len(evals) == 8
+    assert {"contrastive_loss", "caption_loss", "lr", "clips_per_s", "temperature"} <= steps[0].keys()
+    first = sum(r["loss"] for r in steps[:4]) / 4
+    last = sum(r["loss"] for r in steps[-4:]) / 4
+    assert last < first - 0.3, (first, last)
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-00000028", "step-00000032"], "keep_checkpoints=2 prunes older ones"
+    ckpt = run / "checkpoints" / "step-00000032"
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "trainer.pt", "state.json"}
+    torch.load(ckpt / "trainer.pt", weights_only=True)  # no unrestricted pickle needed
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    cfg = load_recipe("shapes", ["train.warmup_steps=10", "train.min_lr_ratio=0.1"]).train
+    factors = [lr_factor(s, 100, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert factors[-1] == pytest.approx(0.1, abs=0.01)
+
+
+class _SigtermAt(SilentReporter):
+    """Sends this process a real SIGTERM when training reaches a step."""
+
+    def __init__(self, step: int) -> None:
+        self.at = step
+
+    def step(self, step: int, terms: dict[str, float], clips_per_s: float) -> None:
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_recipe_args, tmp_path: Path) -> None:
+    recipe = load_recipe("shapes", tiny_recipe_args("full", **{"train.epochs": 3}))
+    train(recipe, tmp_path / "full")
+    stopped = load_recipe("shapes", tiny_recipe_args("stopped", **{"train.epochs": 3}))
+    summary = train(stopped, tmp_path / "stopped", reporter=_SigtermAt(6))  # mid-epoch 2
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 6
+    assert latest_checkpoint(tmp_path / "stopped").name == "step-00000006"
+    resumed = train(stopped, tmp_path / "stopped", resume=True)
+    assert resumed["steps"] == 12
+    _assert_same_weights(tmp_path / "full", tmp_path / "stopped")
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints_and_resume_needs_one(tiny_recipe_args, tmp_path: Path) -> None:
+    recipe = load_recipe("shapes", tiny_recipe_args("run", **{"train.max_steps": 2}))
+    with pytest.raises(UserError, match="nothing to resume"):
+        Trainer(recipe, tmp_path / "run", resume=True)
+    train(recipe, tmp_path / "run")
+    with pytest.raises(UserError, match="already has checkpoints"):
+        Trainer(recipe, tmp_path / "run")
+
+
+def _write_recipe(path: Path, overrides: list[str]) -> Path:
+    """A recipe file equal to the shapes recipe with ``overrides``, as a user would write it."""
+    raw = read_toml(find_config("recipes", "shapes"))
+    for item in overrides:
+        raw = deep_merge(raw, parse_override(item))
+    path.write_text(dump_toml(raw, f"# Launch:\n#   ssbctl train --recipe {path}"))
+    return path
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_recipe_args, tmp_path: Path) -> None:
+    extra = {"train.epochs": 25, "train.ckpt_every": 2, "data.eval_split": ""}
+    ref = load_recipe("shapes", tiny_recipe_args("reference", **extra))
+    train(ref, tmp_path / "reference")
+
+    recipe_file = _write_recipe(tmp_path / "tiny.toml", tiny_recipe_args("killed", **extra))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ssbctl", "train", "--recipe", str(recipe_file)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        ckpt = latest_checkpoint(tmp_path / "killed")
+        if ckpt is not None and ckpt.name >= "step-00000004":
+            proc.send_signal(signal.SIGKILL)
+            killed_at = ckpt.name
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run must be killed mid-training"
+    last = latest_checkpoint(tmp_path / "killed")
+    assert last is not None and last.name < "step-00000100"
+    done = subprocess.run([sys.executable, "-m", "ssbctl", "train", "--resume", "--out", str(tmp_path / "killed")],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / "killed").name == "step-00000100"
+    _assert_same_weights(tmp_path / "reference", tmp_path / "killed")
