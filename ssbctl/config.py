@@ -99,7 +99,7 @@ class LossConfig:
 class DataConfig:
     """Which prepared data to train and validate on."""
 
-    prepared: str = "shapes"  # prepared folder, or a name under $SSBCTL_HOME/data
+    prepared: str = "shapes-pixels"  # prepared folder, or a name under $SSBCTL_HOME/data
     train_split: str = "train"  # split trained on
     eval_split: str = "val"  # split evaluated after each epoch ("" to skip)
     num_workers: int = _min(0, 0)  # DataLoader worker processes

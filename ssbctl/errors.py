@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class TrainingError(Exception):
     """Training cannot go on (for example: the loss stays non-finite); exit code 1."""
+
+
+class DataError(Exception):
+    """The data cannot be used as asked (for example: too many unreadable videos); exit code 1."""

@@ -24,7 +24,7 @@ def test_prepare_train_evaluate_index_retrieve(shapes_raw: Path, tiny_recipe_arg
     assert main(["prepare", "custom", "--annotations", str(shapes_raw / "captions.jsonl"), "--out", str(prepared),
                  "--pixel-size", "8", "--frames", "4", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["counts"] == {"videos": 24, "captions": 72, "failures": 0}
+    assert summary["merged"] and summary["manifests"][0]["counts"] == {"videos": 24, "captions": 72, "failures": 0}
 
     run = tmp_path / "run"
     recipe = _write_recipe(tmp_path / "tiny.toml", [a for a in tiny_recipe_args("unused") if not a.startswith("data.prepared")]

@@ -1,4 +1,4 @@
-"""``ssbctl prepare``: decode a dataset's videos, run a frame backbone, write a feature store."""
+"""``ssbctl prepare``: decode a dataset's videos, run frame backbones, write feature stores."""
 
 from __future__ import annotations
 
@@ -11,51 +11,90 @@ from ssbctl.cli.common import JsonOption, err, out, print_json, progress_bar
 
 EPILOG = """Examples:
 
-  ssbctl prepare shapes                      # synthetic demo data into $SSBCTL_HOME/data/shapes
+  ssbctl prepare shapes                                  # synthetic demo data -> $SSBCTL_HOME/data/shapes-pixels
+
+  ssbctl prepare msvd --root /data/msvd --backbone clip  # CLIP ViT-B/32 frames at 1 fps, up to 12
+
+  ssbctl prepare msrvtt --root /data/msrvtt --shard 0/4  # one of four processes; the last one merges
 
   ssbctl prepare custom --annotations my/captions.jsonl --out data/mine
 """
 
 
+def _shard(value: str | None) -> tuple[int, int]:
+    from ssbctl.data.prepare import shard_from_env
+    from ssbctl.errors import UserError
+
+    if value is None:
+        return shard_from_env()
+    try:
+        k, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like K/N (0-based K), got {value!r}") from None
+    return k, n
+
+
 def prepare(
-    dataset: Annotated[str, typer.Argument(help="shapes (synthetic) or custom (your videos).")],
-    root: Annotated[Path | None, typer.Option(help="Folder with the dataset's videos (shapes: where to generate them).")] = None,
+    dataset: Annotated[str, typer.Argument(help="msrvtt, msvd, vatex, activitynet, didemo, custom or shapes.")],
+    root: Annotated[Path | None, typer.Option(help="The dataset folder as its publishers ship it (shapes: where clips are generated).")] = None,
     annotations: Annotated[Path | None, typer.Option(help="custom: JSON Lines or CSV of video, caption[, split].")] = None,
-    output: Annotated[Path | None, typer.Option("--out", help="Prepared-data folder (default: $SSBCTL_HOME/data/DATASET).")] = None,
-    backbone: Annotated[str, typer.Option(help="Frame backbone.")] = "pixels",
-    pixel_size: Annotated[int, typer.Option(help="pixels backbone: frames are resized to this square size.")] = 16,
-    frames: Annotated[int, typer.Option(help="Frames kept per video (most frames in fps mode).")] = 8,
-    sampling: Annotated[str, typer.Option(help="uniform (segment centres) or fps.")] = "uniform",
+    output: Annotated[Path | None, typer.Option("--out", help="Prepared-data folder (default: $SSBCTL_HOME/data/DATASET-BACKBONE).")] = None,
+    backbones: Annotated[list[str] | None, typer.Option("--backbone", help="pixels, clip, clip:MODEL or hf:MODEL; repeat for several experts.")] = None,
+    features: Annotated[Path | None, typer.Option(help="Import pre-extracted features (VIDEO_ID.npy or .safetensors per video) instead of decoding.")] = None,
+    split: Annotated[str, typer.Option(help="msrvtt: training split 9k or 7k.")] = "9k",
+    frames: Annotated[int | None, typer.Option(help="Most frames per video (default: the dataset's: 12, or 64 for paragraphs).")] = None,
+    sampling: Annotated[str | None, typer.Option(help="fps (default for real datasets) or uniform (segment centres).")] = None,
     fps: Annotated[float, typer.Option(help="fps sampling: frames per second.")] = 1.0,
+    pixel_size: Annotated[int, typer.Option(help="pixels backbone: frames are resized to this square size.")] = 16,
+    shard: Annotated[str | None, typer.Option(help="K/N: prepare every N-th video from the K-th (default: torchrun's RANK/WORLD_SIZE).")] = None,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: in-process, no crash isolation).")] = 2,
+    max_failures: Annotated[int, typer.Option(help="Fail once more videos than this are unusable (-1: never).")] = -1,
+    device: Annotated[str, typer.Option(help="Where learned backbones run: auto, cpu or cuda.")] = "auto",
     num_videos: Annotated[int, typer.Option(help="shapes: clips to generate.")] = 600,
     seed: Annotated[int, typer.Option(help="shapes: generation seed.")] = 0,
     as_json: JsonOption = False,
 ) -> None:
-    """Prepare a dataset: videos -> frame features (safetensors) + captions + failures.jsonl."""
-    from ssbctl.data.backbones import build_backbone
+    """Prepare a dataset: videos -> frame features (safetensors) + captions + failures.jsonl. Resumable."""
+    from ssbctl.data.backbones import ImportedFeatures, backbone_tag, parse_backbone
+    from ssbctl.data.datasets import dataset_spec
     from ssbctl.data.datasets.shapes import ShapesSpec
-    from ssbctl.data.prepare import dataset_items, prepare_items
+    from ssbctl.data.prepare import PrepareOptions, dataset_items, imported_items
+    from ssbctl.data.prepare import prepare as run_prepare
     from ssbctl.data.video import Sampling
     from ssbctl.errors import UserError
     from ssbctl.paths import home
 
-    if sampling not in ("uniform", "fps"):
-        raise UserError(f"--sampling must be uniform or fps, got {sampling!r}")
-    if frames < 1:
-        raise UserError("--frames must be at least 1")
-    options = {"size": pixel_size} if backbone == "pixels" else {}
-    model = build_backbone(backbone, **options)
+    protocol = dataset_spec(dataset).protocol
+    mode = sampling or ("uniform" if dataset in ("shapes", "custom") else "fps")
+    if mode not in ("uniform", "fps") or (frames is not None and frames < 1):
+        raise UserError("--sampling must be uniform or fps, and --frames at least 1")
     with progress_bar("generate clips" if dataset == "shapes" else "read annotations") as update:
-        items = dataset_items(dataset, root, annotations, ShapesSpec(num_videos=num_videos, seed=seed), update)
-    target = output or home() / "data" / dataset
-    with progress_bar(f"prepare {dataset}") as update:
-        manifest = prepare_items(items, target, dataset, model, Sampling(sampling, frames, fps), update)
-    failed = manifest.pop("failed")
-    for row in failed:
-        err.print(f"[yellow]skipped[/] {row['path']}: {row['reason']}")
-    summary = {"out": str(target), **manifest}
+        items = dataset_items(dataset, root, annotations, ShapesSpec(num_videos=num_videos, seed=seed), update, split)
+    if features is not None:
+        items, dim = imported_items(items, features)
+        models = [ImportedFeatures(dim, str(features))]
+    else:
+        models = [parse_backbone(b, pixel_size, device) for b in backbones or ["pixels"]]
+    tags = [backbone_tag(m) for m in models]
+    if output is None:
+        outs = [home() / "data" / f"{dataset}-{t}" for t in tags]
+    else:
+        outs = [output] if len(models) == 1 else [Path(f"{output}-{t}") for t in tags]
+    k, n = _shard(shard)
+    opts = PrepareOptions(sampling=Sampling(mode, frames or protocol.max_frames, fps), shard=k, num_shards=n,
+                          workers=workers, max_failures=max_failures, features=features is not None)
+    with progress_bar(f"prepare {dataset} [{k}/{n}]") as update:
+        summary = run_prepare(dataset, items, models, outs, opts, update)
     if as_json:
         print_json(summary)
         return
-    splits = ", ".join(f"{s} {n['videos']} videos / {n['captions']} captions" for s, n in manifest["splits"].items())
-    out.print(f"prepared {dataset} -> {target}\n  {splits}\n  failures: {len(failed)} (see failures.jsonl)")
+    if not summary["merged"]:
+        out.print(f"shard {summary['shard']} done: {summary['videos']} videos, {summary['failures']} unusable; "
+                  f"the last shard to finish merges")
+        return
+    for manifest in summary["manifests"]:
+        for row in manifest["failed"][:20]:
+            err.print(f"[yellow]skipped[/] {row['path']}: {row['reason']}")
+        splits = ", ".join(f"{s} {c['videos']} videos / {c['captions']} captions" for s, c in manifest["splits"].items())
+        out.print(f"prepared {dataset} -> {manifest['out']}\n  {splits}\n  "
+                  f"unusable videos: {manifest['counts']['failures']} (listed in failures.jsonl)")

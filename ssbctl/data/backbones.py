@@ -53,7 +53,19 @@ class PixelsBackbone(Backbone):
         return (x / 127.5 - 1.0).flatten(1)  # (T, 3*size*size)
 
 
-BACKBONES: dict[str, Callable[..., Backbone]] = {"pixels": PixelsBackbone}
+def _clip(**options: Any) -> Backbone:
+    from ssbctl.data.hf_backbones import clip_backbone
+
+    return clip_backbone(**options)
+
+
+def _hf(**options: Any) -> Backbone:
+    from ssbctl.data.hf_backbones import hf_backbone
+
+    return hf_backbone(**options)
+
+
+BACKBONES: dict[str, Callable[..., Backbone]] = {"pixels": PixelsBackbone, "clip": _clip, "hf": _hf}
 
 
 def build_backbone(name: str, **options: Any) -> Backbone:
@@ -61,3 +73,34 @@ def build_backbone(name: str, **options: Any) -> Backbone:
     if name not in BACKBONES:
         raise UserError(f"unknown backbone '{name}'; known: {', '.join(sorted(BACKBONES))}")
     return BACKBONES[name](**options)
+
+
+def parse_backbone(spec: str, pixel_size: int = 16, device: str = "auto") -> Backbone:
+    """``pixels``, ``clip``, ``clip:MODEL`` or ``hf:MODEL`` (MODEL a hub id or a local folder)."""
+    name, _, model = spec.partition(":")
+    if name == "pixels":
+        return build_backbone("pixels", size=pixel_size)
+    if name == "hf" and not model:
+        raise UserError("--backbone hf needs a model: hf:facebook/dinov2-small or hf:/path/to/model")
+    return build_backbone(name, **({"model": model} if model else {}), device=device)
+
+
+def backbone_tag(backbone: Backbone) -> str:
+    """A short name for folder names: ``pixels``, or the model's last path component."""
+    model = backbone.options().get("model")
+    return backbone.name if not model else str(model).rstrip("/").rsplit("/", 1)[-1]
+
+
+class ImportedFeatures(Backbone):
+    """Features extracted elsewhere (one ``.npy`` or ``.safetensors`` per video), imported as they are."""
+
+    name = "imported"
+
+    def __init__(self, dim: int, source: str = "") -> None:
+        self.dim, self.source = dim, source
+
+    def options(self) -> dict[str, Any]:
+        return {"source": self.source}
+
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        raise TypeError("imported features are loaded, not computed")

@@ -1,56 +1,253 @@
-"""Decode videos, run a frozen backbone over the sampled frames and write a feature store."""
+"""Preparation: decode videos, run frozen backbones over the sampled frames, write feature stores.
+
+Resumable and shardable. Work goes to a hidden folder beside the output
+(``.NAME.partial/shard-K-of-N/``): feature chunks plus ``progress.jsonl``, a line per finished
+video appended only after its features are on disk. A prepare that is killed and run again skips
+what is done. ``--shard K/N`` (or RANK/WORLD_SIZE under torchrun) prepares every N-th video;
+the shard that finishes last merges all of them into the final store(s), rewritten in dataset
+order so that the result does not depend on sharding, interruptions or worker timing.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ssbctl.data.backbones import Backbone
-from ssbctl.data.datasets import DATASETS, VideoItem, read_custom
+from ssbctl.data.datasets import DatasetOptions, Protocol, VideoItem, dataset_spec
 from ssbctl.data.datasets.shapes import ShapesSpec, generate
+from ssbctl.data.decode_pool import DecodePool, load_features_file
 from ssbctl.data.store import StoreWriter
-from ssbctl.data.video import DecodeError, Sampling, read_frames
-from ssbctl.errors import UserError
+from ssbctl.data.video import DecodeError, Sampling
+from ssbctl.errors import DataError, UserError
+from ssbctl.io import append_jsonl, atomic_write_json, read_jsonl
 from ssbctl.paths import home
 
 Progress = Callable[[int, int], None]
 
 
-def prepare_items(items: list[VideoItem], out: Path, dataset: str, backbone: Backbone,
-                  sampling: Sampling, progress: Progress | None = None) -> dict[str, Any]:
-    """Prepare every item into the store at ``out``; unusable videos are recorded, not fatal.
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How to prepare (the same options must be used to resume or to merge shards)."""
 
-    Returns the manifest with an extra ``failed`` list (the rows of failures.jsonl)."""
-    writer = StoreWriter(out, dataset, backbone, sampling)
-    for n, item in enumerate(items, 1):
-        try:
-            features = backbone.encode(read_frames(item.path, sampling))
-            if not torch.isfinite(features).all():
-                raise DecodeError("non-finite features")
-        except DecodeError as exc:
-            writer.fail(item.video_id, str(item.path), str(exc))
-        else:
-            writer.add(item.video_id, item.split, str(item.path), features, item.captions)
-        if progress:
-            progress(n, len(items))
-    manifest = writer.commit()
-    manifest["failed"] = writer.failures
-    return manifest
+    sampling: Sampling = Sampling()
+    shard: int = 0  # this process's shard, 0-based
+    num_shards: int = 1
+    workers: int = 2  # decoding processes; 0 decodes in-process (no crash isolation)
+    max_failures: int = -1  # fail once more videos than this could not be used; -1 = never
+    chunk_size: int = 64  # videos per feature chunk in the work folder
+    timeout: float = 300.0  # seconds one video may take to decode
+    features: bool = False  # items point at pre-extracted feature files, not videos
 
 
-def dataset_items(dataset: str, root: Path | None, annotations: Path | None,
-                  shapes: ShapesSpec | None = None, progress: Progress | None = None) -> list[VideoItem]:
+def dataset_items(dataset: str, root: Path | None, annotations: Path | None, shapes: ShapesSpec | None = None,
+                  progress: Progress | None = None, variant: str = "9k") -> list[VideoItem]:
     """The videos of a named dataset (generating ``shapes`` first when needed)."""
+    spec = dataset_spec(dataset)
     if dataset == "shapes":
         root = root or home() / "raw" / "shapes"
-        return read_custom(generate(root, shapes or ShapesSpec(), progress))
-    if dataset == "custom":
-        if annotations is None:
-            found = [p for p in (root / "annotations.jsonl", root / "annotations.csv") if p.is_file()] if root else []
-            if not found:
-                raise UserError("custom needs --annotations FILE (or --root with annotations.jsonl/.csv)")
-            annotations = found[0]
-        return read_custom(annotations)
-    raise UserError(f"unknown dataset '{dataset}'; known: {', '.join(DATASETS)}")
+        annotations = generate(root, shapes or ShapesSpec(), progress)
+    return spec.read(DatasetOptions(root=root, annotations=annotations, variant=variant))
+
+
+def imported_items(items: list[VideoItem], folder: Path) -> tuple[list[VideoItem], int]:
+    """The items pointed at pre-extracted feature files (``VIDEO_ID.npy`` or ``.safetensors``)."""
+    out, dim = [], 0
+    for item in items:
+        candidates = [folder / f"{item.video_id}{suffix}" for suffix in (".npy", ".safetensors")]
+        path = next((c for c in candidates if c.is_file()), candidates[0])
+        out.append(dataclasses.replace(item, path=path))
+        if not dim and path.is_file():
+            try:
+                dim = int(load_features_file(path).shape[1])
+            except DecodeError:
+                pass
+    if not dim:
+        raise UserError(f"no readable feature file (VIDEO_ID.npy or .safetensors) in {folder}")
+    return out, dim
+
+
+def shard_from_env() -> tuple[int, int]:
+    """(shard, num_shards) from torchrun's RANK and WORLD_SIZE, else (0, 1)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ShardWork:
+    """One shard's resumable work folder: feature chunks per backbone and a progress log."""
+
+    def __init__(self, folder: Path, backbones: int, chunk_size: int) -> None:
+        self.folder, self.backbones, self.chunk_size = folder, backbones, chunk_size
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = folder / "progress.jsonl"
+        self.done = {r["video_id"]: r for r in read_jsonl(self.log)} if self.log.is_file() else {}
+        chunks = [int(p.stem.rsplit("-c", 1)[1]) for p in folder.glob("features-b0-c*.safetensors")]
+        self.next_chunk = max(chunks, default=-1) + 1
+        self.pending: list[tuple[str, list[torch.Tensor]]] = []
+
+    @property
+    def failures(self) -> int:
+        return sum(1 for r in self.done.values() if r["status"] == "failed")
+
+    def add(self, video_id: str, features: list[torch.Tensor]) -> None:
+        self.pending.append((video_id, features))
+        if len(self.pending) >= self.chunk_size:
+            self.flush()
+
+    def fail(self, video_id: str, reason: str) -> None:
+        self._record({"video_id": video_id, "status": "failed", "reason": reason})
+
+    def flush(self) -> None:
+        """Write the pending features as one chunk per backbone, then log them as done."""
+        if not self.pending:
+            return
+        chunk = self.next_chunk
+        for b in range(self.backbones):
+            path = self.folder / f"features-b{b}-c{chunk:05d}.safetensors"
+            save_file({vid: f[b].contiguous() for vid, f in self.pending}, str(path) + ".tmp")
+            os.replace(str(path) + ".tmp", path)
+        for vid, _ in self.pending:
+            self._record({"video_id": vid, "status": "ok", "chunk": chunk})
+        self.pending, self.next_chunk = [], chunk + 1
+
+    def _record(self, row: dict[str, Any]) -> None:
+        append_jsonl(self.log, row)
+        self.done[row["video_id"]] = row
+
+    def finish(self) -> None:
+        self.flush()
+        atomic_write_json(self.folder / "done.json", {"videos": len(self.done)})
+
+
+def work_root(out: Path) -> Path:
+    """Where the unfinished work of a prepare into ``out`` lives."""
+    return out.parent / f".{out.name}.partial"
+
+
+def _check_settings(root: Path, settings: dict[str, Any]) -> None:
+    path = root / "settings.json"
+    if path.is_file():
+        if json.loads(path.read_text()) != settings:
+            raise UserError(f"an unfinished prepare with other settings is in {root}; "
+                            f"rerun it with the same options or delete that folder")
+    else:
+        atomic_write_json(path, settings)
+
+
+def prepare(dataset: str, items: list[VideoItem], backbones: list[Backbone], outs: list[Path],
+            opts: PrepareOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """Prepare this process's shard; merge when every shard is done. Returns a summary."""
+    if not 0 <= opts.shard < opts.num_shards:
+        raise UserError(f"--shard must be K/N with 0 <= K < N, got {opts.shard}/{opts.num_shards}")
+    root = work_root(outs[0])
+    root.mkdir(parents=True, exist_ok=True)
+    _check_settings(root, {"dataset": dataset, "backbones": [[b.name, b.options()] for b in backbones],
+                           "sampling": asdict(opts.sampling), "outs": [str(o) for o in outs],
+                           "videos": len(items), "features": opts.features})
+    work = ShardWork(root / f"shard-{opts.shard}-of-{opts.num_shards}", len(backbones), opts.chunk_size)
+    mine = [it for i, it in enumerate(items) if i % opts.num_shards == opts.shard]
+    _run_shard(mine, backbones, work, opts, progress)
+    summary: dict[str, Any] = {"shard": f"{opts.shard}/{opts.num_shards}", "videos": len(mine),
+                               "failures": work.failures, "merged": False}
+    if _all_done(root, opts.num_shards) and _take_merge_lock(root):
+        summary["manifests"] = merge(dataset, items, backbones, outs, opts)
+        summary["merged"] = True
+    return summary
+
+
+def _run_shard(items: list[VideoItem], backbones: list[Backbone], work: ShardWork, opts: PrepareOptions,
+               progress: Progress | None) -> None:
+    todo = [it for it in items if it.video_id not in work.done]
+    done = len(items) - len(todo)
+    pool = DecodePool(opts.sampling, opts.workers, opts.timeout, opts.features)
+    for key, frames, reason in pool.map((i, it.path) for i, it in enumerate(todo)):
+        item = todo[key]
+        if frames is not None:
+            try:
+                features = [_encode(b, frames, opts.features) for b in backbones]
+                work.add(item.video_id, features)
+            except ValueError as exc:
+                reason = str(exc)
+        if reason is not None:
+            work.fail(item.video_id, reason)
+            if 0 <= opts.max_failures < work.failures:
+                work.flush()
+                raise DataError(f"{work.failures} videos could not be used (--max-failures {opts.max_failures}); "
+                                f"see {work.log}")
+        done += 1
+        if progress:
+            progress(done, len(items))
+    work.finish()
+
+
+def _encode(backbone: Backbone, frames: Any, imported: bool) -> torch.Tensor:
+    features = torch.from_numpy(frames) if imported else backbone.encode(frames)
+    if imported and features.shape[1] != backbone.dim:
+        raise ValueError(f"feature size {features.shape[1]} is not {backbone.dim}")
+    if not torch.isfinite(features).all():
+        raise ValueError("non-finite features")
+    return features.float()
+
+
+def _all_done(root: Path, num_shards: int) -> bool:
+    return all((root / f"shard-{k}-of-{num_shards}" / "done.json").is_file() for k in range(num_shards))
+
+
+def _take_merge_lock(root: Path) -> bool:
+    try:
+        (root / "merge.lock").mkdir()
+        return True
+    except FileExistsError:
+        return False
+
+
+def merge(dataset: str, items: list[VideoItem], backbones: list[Backbone], outs: list[Path],
+          opts: PrepareOptions) -> list[dict[str, Any]]:
+    """Write the final store of each backbone from all shards, in dataset order; remove the work."""
+    root = work_root(outs[0])
+    rows: dict[str, dict[str, Any]] = {}
+    for k in range(opts.num_shards):
+        folder = root / f"shard-{k}-of-{opts.num_shards}"
+        if not (folder / "done.json").is_file():
+            raise UserError(f"shard {k}/{opts.num_shards} has not finished ({folder})")
+        for row in read_jsonl(folder / "progress.jsonl"):
+            rows[row["video_id"]] = {**row, "folder": folder}
+    protocol = asdict(dataset_spec(dataset).protocol)
+    manifests = []
+    for b, (backbone, out) in enumerate(zip(backbones, outs)):
+        writer = StoreWriter(out, dataset, backbone, opts.sampling, protocol=protocol)
+        handles: dict[Path, Any] = {}
+        for item in items:
+            row = rows[item.video_id]
+            if row["status"] == "failed":
+                writer.fail(item.video_id, str(item.path), row["reason"])
+                continue
+            chunk = row["folder"] / f"features-b{b}-c{row['chunk']:05d}.safetensors"
+            if chunk not in handles:
+                handles[chunk] = safe_open(str(chunk), framework="pt")
+            writer.add(item.video_id, item.split, str(item.path), handles[chunk].get_tensor(item.video_id),
+                       item.captions)
+        manifest = writer.commit()
+        manifests.append({**manifest, "out": str(out), "failed": writer.failures})
+    shutil.rmtree(root, ignore_errors=True)
+    return manifests
+
+
+def prepare_items(items: list[VideoItem], out: Path, dataset: str, backbone: Backbone, sampling: Sampling,
+                  progress: Progress | None = None, workers: int = 0) -> dict[str, Any]:
+    """Prepare ``items`` unsharded with one backbone; the store's manifest plus a ``failed`` list."""
+    summary = prepare(dataset, items, [backbone], [Path(out)],
+                      PrepareOptions(sampling=sampling, workers=workers), progress)
+    return summary["manifests"][0]
+
+
+__all__ = ["PrepareOptions", "Protocol", "dataset_items", "imported_items", "merge", "prepare", "prepare_items",
+           "shard_from_env"]

@@ -36,12 +36,13 @@ class StoreWriter:
     """Collects features and captions video by video; ``commit`` makes the store appear."""
 
     def __init__(self, root: Path, dataset: str, backbone: Backbone, sampling: Sampling,
-                 shard_size: int = 512) -> None:
+                 shard_size: int = 512, protocol: dict[str, Any] | None = None) -> None:
         self.root = Path(root)
-        self.tmp = self.root.parent / f".{self.root.name}.partial"
+        self.tmp = self.root.parent / f".{self.root.name}.writing"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.dataset, self.backbone, self.sampling, self.shard_size = dataset, backbone, sampling, shard_size
+        self.protocol = protocol or {}
         self.videos: list[dict[str, Any]] = []
         self.captions: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
@@ -78,6 +79,7 @@ class StoreWriter:
             "dataset": self.dataset,
             "backbone": {"name": self.backbone.name, "dim": self.backbone.dim, **self.backbone.options()},
             "sampling": asdict(self.sampling),
+            "protocol": self.protocol,
             "splits": {s: {"videos": n, "captions": sum(1 for c in self.captions if c["split"] == s)}
                        for s, n in sorted(splits.items())},
             "counts": {"videos": len(self.videos), "captions": len(self.captions),
@@ -113,6 +115,11 @@ class FeatureStore:
                             f"{FORMAT_VERSION}; prepare it again")
         self.videos = list(read_jsonl(self.root / "videos.jsonl"))
         self.captions = list(read_jsonl(self.root / "captions.jsonl"))
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """The recall cut-offs the dataset's protocol reports."""
+        return tuple(self.manifest.get("protocol", {}).get("ks", (1, 5, 10)))
 
     @property
     def feature_dim(self) -> int:

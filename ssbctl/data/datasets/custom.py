@@ -6,28 +6,16 @@ Rows without a split go to the split ``all``. The video id is the file name with
 
 from __future__ import annotations
 
-import csv
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from ssbctl.data.datasets.common import VideoItem, read_csv
 from ssbctl.errors import UserError
-
-
-@dataclass
-class VideoItem:
-    """One video to prepare and the captions that describe it."""
-
-    video_id: str
-    path: Path
-    split: str
-    captions: list[str] = field(default_factory=list)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
+        return read_csv(path)
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():

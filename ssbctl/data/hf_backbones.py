@@ -1,0 +1,85 @@
+"""Frame backbones through `transformers`: CLIP vision towers and any image model AutoModel loads.
+
+CLIP (and SigLIP) give their projected / pooled image embedding; other models (DINOv2, ViT, ...)
+their pooler output, else the first token. Frames go through the model's own image processor.
+On CUDA the model runs under bf16 autocast; features are returned as float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssbctl.data.backbones import Backbone
+from ssbctl.errors import UserError
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+
+
+class HFImageBackbone(Backbone):
+    """An image model loaded with ``from_pretrained`` (hub id or local folder), run frame by frame."""
+
+    def __init__(self, model: str = DEFAULT_CLIP, kind: str = "hf", device: str = "auto",
+                 batch_size: int = 64) -> None:
+        import transformers
+
+        self.name, self.model_id, self.batch_size = kind, model, batch_size
+        local = Path(model).is_dir()
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            config = transformers.AutoConfig.from_pretrained(model, local_files_only=local)
+            self.model = self._model_class(config).from_pretrained(model, local_files_only=local).eval()
+            self.processor = transformers.AutoImageProcessor.from_pretrained(model, local_files_only=local)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load image model '{model}': {str(exc).splitlines()[0]}") from None
+        self.model.requires_grad_(False)
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if device == "auto" else device)
+        self.model.to(self.device)
+        self.dim = int(self.encode(np.zeros((1, 32, 32, 3), np.uint8)).shape[1])
+
+    @staticmethod
+    def _model_class(config: Any) -> Any:
+        import transformers
+
+        kind = getattr(config, "model_type", "")
+        if kind in ("clip", "clip_vision_model"):
+            return transformers.CLIPVisionModelWithProjection
+        if kind in ("siglip", "siglip_vision_model"):
+            return transformers.SiglipVisionModel
+        return transformers.AutoModel
+
+    def options(self) -> dict[str, Any]:
+        return {"model": self.model_id}
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray) -> torch.Tensor:
+        out = []
+        for start in range(0, len(frames), self.batch_size):
+            images = list(frames[start:start + self.batch_size])
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                result = self.model(pixel_values=pixels)
+            out.append(self._pool(result).float().cpu())
+        return torch.cat(out)  # (T, dim)
+
+    @staticmethod
+    def _pool(result: Any) -> torch.Tensor:
+        for attr in ("image_embeds", "pooler_output"):
+            value = getattr(result, attr, None)
+            if value is not None:
+                return value
+        return result.last_hidden_state[:, 0]
+
+
+def clip_backbone(model: str = DEFAULT_CLIP, **kwargs: Any) -> HFImageBackbone:
+    """A CLIP vision tower (the recipes' default frame backbone)."""
+    return HFImageBackbone(model, kind="clip", **kwargs)
+
+
+def hf_backbone(model: str, **kwargs: Any) -> HFImageBackbone:
+    """Any image model that AutoModel loads (DINOv2, ViT, SigLIP, ...)."""
+    return HFImageBackbone(model, kind="hf", **kwargs)
