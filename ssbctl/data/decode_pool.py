@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -41,18 +41,22 @@ def load_features_file(path: Path) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
-def _work(path: Path, sampling: dict[str, Any], features: bool) -> np.ndarray:
+def decode_job(path: Path, sampling: dict[str, Any], features: bool) -> np.ndarray:
+    """What a worker does with one path: decode the sampled frames, or load the feature file."""
     return load_features_file(path) if features else read_frames(path, Sampling(**sampling))
 
 
-def _worker(conn: Connection, sampling: dict[str, Any], features: bool) -> None:
+Work = Callable[[Path, dict[str, Any], bool], np.ndarray]
+
+
+def _worker(conn: Connection, work: Work, sampling: dict[str, Any], features: bool) -> None:
     while True:
         job = conn.recv()
         if job is None:
             return
         key, path = job
         try:
-            conn.send((key, _work(path, sampling, features), None))
+            conn.send((key, work(path, sampling, features), None))
         except DecodeError as exc:
             conn.send((key, None, str(exc)))
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this video's failure
@@ -62,9 +66,9 @@ def _worker(conn: Connection, sampling: dict[str, Any], features: bool) -> None:
 class _Slot:
     """One worker process and the job it is working on."""
 
-    def __init__(self, ctx: Any, sampling: dict[str, Any], features: bool) -> None:
+    def __init__(self, ctx: Any, work: Work, sampling: dict[str, Any], features: bool) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, sampling, features), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(child, work, sampling, features), daemon=True)
         self.proc.start()
         child.close()
         self.job: Job | None = None
@@ -81,10 +85,14 @@ class _Slot:
 
 
 class DecodePool:
-    """Decodes (or loads pre-extracted features) with ``workers`` processes; 0 means in-process."""
+    """Decodes (or loads pre-extracted features) with ``workers`` processes; 0 means in-process.
 
-    def __init__(self, sampling: Sampling, workers: int = 2, timeout: float = 300.0, features: bool = False) -> None:
+    ``work`` must be a module-level function (the spawned workers import it by name)."""
+
+    def __init__(self, sampling: Sampling, workers: int = 2, timeout: float = 300.0, features: bool = False,
+                 work: Work = decode_job) -> None:
         self.sampling, self.workers, self.timeout, self.features = asdict(sampling), workers, timeout, features
+        self.work = work
         self.ctx = mp.get_context("spawn")  # no fork of a process that holds torch's threads
 
     def map(self, jobs: Iterable[Job]) -> Iterator[Result]:
@@ -92,12 +100,12 @@ class DecodePool:
         if self.workers == 0:
             for key, path in jobs:
                 try:
-                    yield key, _work(path, self.sampling, self.features), None
+                    yield key, self.work(path, self.sampling, self.features), None
                 except DecodeError as exc:
                     yield key, None, str(exc)
             return
         queue = list(jobs)[::-1]
-        slots = [_Slot(self.ctx, self.sampling, self.features) for _ in range(min(self.workers, len(queue)))]
+        slots = [_Slot(self.ctx, self.work, self.sampling, self.features) for _ in range(min(self.workers, len(queue)))]
         try:
             for slot in slots:
                 if queue:
@@ -139,4 +147,4 @@ class DecodePool:
     def _replace(self, slot: _Slot, slots: list[_Slot]) -> None:
         slot.kill()
         slots.remove(slot)
-        slots.append(_Slot(self.ctx, self.sampling, self.features))
+        slots.append(_Slot(self.ctx, self.work, self.sampling, self.features))

@@ -71,4 +71,4 @@ def evaluate_split(model: SSBModel, tokenizer: Any, store: FeatureStore, split: 
                    device: torch.device) -> dict[str, Any]:
     """The metrics object of DESIGN.md for one split."""
     emb = embed_split(model, tokenizer, store, split, device)
-    return {**retrieval_metrics(emb.text, emb.video, emb.caption_video), "split": split}
+    return {**retrieval_metrics(emb.text, emb.video, emb.caption_video, ks=store.ks), "split": split}

@@ -1,0 +1,154 @@
+"""Builders of small datasets in their publishers' real layouts, with generated video files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from ssbctl.data.datasets.shapes import ShapesSpec, render, sample_scene, write_mp4
+
+SHARED = Path(__file__).resolve().parents[1] / "ssbctl" / "data" / "splits"
+SPEC = ShapesSpec(frame_size=32, min_seconds=1.0, max_seconds=1.5)
+
+
+def write_clip(path: Path, seed: int) -> Path:
+    """A short real video (H.264; an .avi gets MPEG-4 in AVI) of a shapes scene."""
+    rng = np.random.default_rng([seed, 99])
+    frames = render(rng, sample_scene(rng, SPEC), SPEC.frame_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".avi":
+        import av
+
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("mpeg4", rate=8)
+            stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+    else:
+        write_mp4(path, frames, 8)
+    return path
+
+
+def _head(path: Path, n: int) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()][:n]
+
+
+def msrvtt(root: Path, n_train: int = 4, n_test: int = 3) -> Path:
+    """MSRVTT_data.json, cut-down 9k and JSFUSION files from the real ones, videos/all/videoN.mp4."""
+    train_ids = _head(SHARED / "msrvtt" / "MSRVTT_train.9k.csv", n_train + 1)[1:]
+    test_rows = _head(SHARED / "msrvtt" / "MSRVTT_JSFUSION_test.csv", n_test + 1)
+    (root).mkdir(parents=True, exist_ok=True)
+    (root / "MSRVTT_train.9k.csv").write_text("\n".join(["video_id", *train_ids]) + "\n")
+    (root / "MSRVTT_JSFUSION_test.csv").write_text("\n".join(test_rows) + "\n")
+    test_ids = [r.split(",")[2] for r in test_rows[1:]]
+    sentences = [{"video_id": v, "caption": f"caption {k} of {v}", "sen_id": i}
+                 for i, (v, k) in enumerate((v, k) for v in train_ids + test_ids for k in range(3))]
+    (root / "MSRVTT_data.json").write_text(json.dumps({"videos": [{"video_id": v} for v in train_ids + test_ids],
+                                                       "sentences": sentences}))
+    for i, vid in enumerate(train_ids + test_ids):
+        write_clip(root / "videos" / "all" / f"{vid}.mp4", i)
+    return root
+
+
+def msvd(root: Path, per_split: int = 2) -> Path:
+    """raw-captions.pkl, the first ids of the real split lists, YouTubeClips/<id>.avi."""
+    caps = {}
+    for split in ("train", "val", "test"):
+        ids = _head(SHARED / "msvd" / f"{split}_list.txt", per_split)
+        (root / f"{split}_list.txt").parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{split}_list.txt").write_text("\n".join(ids) + "\n")
+        for i, vid in enumerate(ids):
+            caps[vid] = [["a", "man", "is", "cooking", str(i)], ["someone", "cooks", split]]
+            write_clip(root / "YouTubeClips" / f"{vid}.avi", hash(vid) % 1000)
+    (root / "raw-captions.pkl").write_bytes(pickle.dumps(caps))
+    return root
+
+
+def vatex(root: Path, per_split: int = 2) -> Path:
+    """vatex_*_v1.0.json with 10 English captions each, HGR-style split lists, videos by videoID."""
+    entries = {"train": [], "val": [], "test": []}
+    for split in entries:
+        for i in range(per_split):
+            vid = f"{split}Vid{i:02d}_000010_000020"
+            entries[split].append({"videoID": vid, "enCap": [f"{split} caption {k}" for k in range(10)],
+                                   "chCap": ["中文"] * 10})
+            write_clip(root / "videos" / f"{vid}.mp4", i + 10 * len(split))
+        (root / f"{split}_list.txt").write_text("\n".join(e["videoID"] for e in entries[split]) + "\n")
+    (root / "vatex_training_v1.0.json").write_text(json.dumps(entries["train"]))
+    (root / "vatex_validation_v1.0.json").write_text(json.dumps(entries["val"] + entries["test"]))
+    return root
+
+
+def activitynet(root: Path, per_split: int = 2) -> Path:
+    """train.json / val_1.json keyed by real v_ ids; half the files named without the v_ prefix."""
+    for split, lst in (("train", "train_list.txt"), ("val_1", "val_1_list.txt")):
+        ids = _head(SHARED / "activitynet" / lst, per_split)
+        data = {vid: {"duration": 10.0, "timestamps": [[0, 4], [4, 10]],
+                      "sentences": [f" {vid} starts.", f"Then {split} ends. "]} for vid in ids}
+        root.mkdir(parents=True, exist_ok=True)
+        (root / f"{split}.json").write_text(json.dumps(data))
+        for i, vid in enumerate(ids):
+            name = vid if i % 2 == 0 else vid[2:]
+            write_clip(root / "videos" / f"{name}.mp4", i + 7)
+    return root
+
+
+def didemo(root: Path) -> Path:
+    """train_data.json / test_data.json lists (CLIP4Clip layout) and their videos."""
+    for split, vids in (("train", ["a1@N1_111.mov", "b2@N2_222.mp4"]), ("test", ["c3@N3_333.avi"])):
+        rows = [{"video": v, "description": f"sentence {k} of {v}", "times": [[0, 1]]} for v in vids for k in range(2)]
+        root.mkdir(parents=True, exist_ok=True)
+        (root / f"{split}_data.json").write_text(json.dumps(rows))
+        for i, v in enumerate(vids):
+            write_clip(root / "videos" / f"{v}.mp4", i + 3)
+    return root
+
+
+def misbehaving_decode(path: Path, sampling: dict, features: bool):
+    """The real decoder, except that it dies on ``crash.mp4`` and hangs on ``hang.mp4`` (run in a worker)."""
+    import os
+    import time
+
+    from ssbctl.data.decode_pool import decode_job
+
+    if path.name == "crash.mp4":
+        os._exit(139)
+    if path.name == "hang.mp4":
+        time.sleep(600)
+    return decode_job(path, sampling, features)
+
+
+def tiny_text_model(folder: Path, family: str) -> Path:
+    """A random 1-layer text model of ``family`` (bert, t5, clip) with a small word-level tokenizer."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["<pad>", "<unk>", "<s>", "</s>"] + sorted(set(
+        "a the red green blue yellow purple white small large big little tiny circle ball square box "
+        "triangle cross moves to left right up down grows shrinks spins still follows towards person cooks man".split()))
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(vocab), pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    if family == "t5":
+        model = transformers.T5EncoderModel(transformers.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                                  num_heads=2, decoder_start_token_id=0, **common))
+    elif family == "clip":
+        model = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_size=16, intermediate_size=32,
+                                                                       num_hidden_layers=1, num_attention_heads=2,
+                                                                       max_position_embeddings=64, **common))
+    else:
+        model = transformers.BertModel(transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                               intermediate_size=32, max_position_embeddings=64, **common))
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder

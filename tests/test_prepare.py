@@ -1,0 +1,155 @@
+"""Preparation is resumable, shardable and survives any broken file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ssbctl.data.backbones import build_backbone
+from ssbctl.data.datasets import read_custom
+from ssbctl.data.prepare import PrepareOptions, prepare, work_root
+from ssbctl.data.store import FeatureStore
+from ssbctl.data.video import Sampling
+from ssbctl.errors import DataError
+
+SAMPLING = Sampling(num_frames=4)
+
+
+def _store_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(shapes_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted, unsharded prepare of the 24 tiny clips."""
+    out = tmp_path_factory.mktemp("ref") / "store"
+    items = read_custom(shapes_raw / "captions.jsonl")
+    prepare("custom", items, [build_backbone("pixels", size=8)], [out], PrepareOptions(SAMPLING, workers=0))
+    return out
+
+
+def test_two_shards_merged_equal_one_unsharded_run(shapes_raw: Path, reference: Path, tmp_path: Path) -> None:
+    items = read_custom(shapes_raw / "captions.jsonl")
+    out = tmp_path / "store"
+    first = prepare("custom", items, [build_backbone("pixels", size=8)], [out],
+                    PrepareOptions(SAMPLING, shard=1, num_shards=2, workers=0))
+    assert not first["merged"] and not out.exists() and first["videos"] == 12
+    second = prepare("custom", items, [build_backbone("pixels", size=8)], [out],
+                     PrepareOptions(SAMPLING, shard=0, num_shards=2, workers=0))
+    assert second["merged"] and not work_root(out).exists()
+    assert _store_bytes(out) == _store_bytes(reference)
+
+
+def test_killed_prepare_resumes_to_the_same_store(shapes_raw: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "ssbctl", "prepare", "custom", "--annotations", str(shapes_raw / "captions.jsonl"),
+           "--out", str(out), "--pixel-size", "8", "--frames", "4", "--sampling", "uniform", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = work_root(out) / "shard-0-of-1" / "progress.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if progress.is_file() and len(progress.read_text().splitlines()) >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not out.exists(), "killed before the end"
+    done_before = len(progress.read_text().splitlines())
+    assert 1 <= done_before < 24
+    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _store_bytes(out) == _store_bytes(reference)
+
+
+def test_prepare_with_other_settings_refuses_unfinished_work(shapes_raw: Path, tmp_path: Path) -> None:
+    from ssbctl.errors import UserError
+
+    items = read_custom(shapes_raw / "captions.jsonl")
+    out = tmp_path / "store"
+    prepare("custom", items, [build_backbone("pixels", size=8)], [out], PrepareOptions(SAMPLING, shard=0, num_shards=2, workers=0))
+    with pytest.raises(UserError, match="other settings"):
+        prepare("custom", items, [build_backbone("pixels", size=4)], [out], PrepareOptions(SAMPLING, shard=1, num_shards=2, workers=0))
+
+
+def _variants(data: bytes, rng: np.random.Generator) -> dict[str, bytes]:
+    out = {"empty": b"", "random": rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(),
+           "header_only": data[:32], "zeros": bytes(len(data))}
+    for frac in (0.05, 0.2, 0.5, 0.8, 0.95):
+        out[f"truncated_{int(frac * 100)}"] = data[: int(len(data) * frac)]
+    for i in range(12):
+        flipped = bytearray(data)
+        for pos in rng.integers(0, len(data), 1 + i * 4):
+            flipped[pos] ^= 1 << int(rng.integers(0, 8))
+        out[f"bitflip_{i}"] = bytes(flipped)
+    for i in range(6):
+        zeroed = bytearray(data)
+        start = int(rng.integers(0, len(data) - 256))
+        zeroed[start:start + int(rng.integers(16, 256))] = bytes(256)[: len(zeroed[start:start + 256])]
+        out[f"zeroblock_{i}"] = bytes(zeroed)
+    for i in range(3):
+        shuffled = bytearray(data)
+        a = int(rng.integers(0, len(data) // 2))
+        shuffled[a:a + 512] = rng.permutation(np.frombuffer(bytes(shuffled[a:a + 512]), np.uint8)).tobytes()
+        out[f"shuffled_{i}"] = bytes(shuffled)
+    return out
+
+
+def test_fuzzed_videos_never_crash_prepare_and_each_is_recorded(shapes_raw: Path, tmp_path: Path) -> None:
+    good = read_custom(shapes_raw / "captions.jsonl")[0].path.read_bytes()
+    variants = _variants(good, np.random.default_rng(1234))
+    assert len(variants) >= 30
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    rows = []
+    for name, data in variants.items():
+        (folder / f"{name}.mp4").write_bytes(data)
+        rows.append(f'{{"video": "clips/{name}.mp4", "caption": "a fuzzed clip", "split": "test"}}')
+    (tmp_path / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "store"
+    summary = prepare("custom", read_custom(tmp_path / "captions.jsonl"), [build_backbone("pixels", size=4)], [out],
+                      PrepareOptions(Sampling(num_frames=3), workers=2, timeout=60))
+    assert summary["merged"]
+    store = FeatureStore(out)
+    failures = {f["video_id"]: f["reason"] for f in summary["manifests"][0]["failed"]}
+    kept = {v["video_id"] for v in store.videos}
+    assert kept | set(failures) == set(variants) and not kept & set(failures)
+    for name in ("empty", "random", "header_only", "zeros", "truncated_5"):
+        assert name in failures, name
+    assert failures["empty"] == "empty file"
+    assert all(reason for reason in failures.values())
+
+
+def test_max_failures_stops_the_run_and_keeps_progress(shapes_raw: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"bad{i}.mp4").write_bytes(b"junk" * 10)
+    (tmp_path / "c.jsonl").write_text("".join(f'{{"video": "clips/bad{i}.mp4", "caption": "x"}}\n' for i in range(3)))
+    items = read_custom(tmp_path / "c.jsonl")
+    with pytest.raises(DataError, match="--max-failures 1"):
+        prepare("custom", items, [build_backbone("pixels", size=4)], [tmp_path / "out"],
+                PrepareOptions(SAMPLING, workers=0, max_failures=1))
+    progress = work_root(tmp_path / "out") / "shard-0-of-1" / "progress.jsonl"
+    assert len(progress.read_text().splitlines()) == 2
+
+
+def test_decoder_crash_or_hang_costs_one_video(tmp_path: Path, shapes_raw: Path) -> None:
+    """A worker that dies (as a decoder can on a hostile file) or hangs is replaced; the video is recorded."""
+    import fixtures
+    from ssbctl.data.decode_pool import DecodePool
+
+    good = read_custom(shapes_raw / "captions.jsonl")[0].path
+    pool = DecodePool(Sampling(num_frames=2), workers=2, timeout=3, work=fixtures.misbehaving_decode)
+    jobs = [(0, good), (1, tmp_path / "crash.mp4"), (2, good), (3, tmp_path / "hang.mp4"), (4, good)]
+    results = {k: (f is not None, r) for k, f, r in pool.map(jobs)}
+    assert sorted(results) == [0, 1, 2, 3, 4]
+    assert results[0] == results[2] == results[4] == (True, None)
+    assert results[1] == (False, "decoder crashed (exit code 139)")
+    assert results[3] == (False, "decode timed out after 3 s")
