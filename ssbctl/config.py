@@ -100,6 +100,7 @@ class DataConfig:
     """Which prepared data to train and validate on."""
 
     prepared: str = "shapes-pixels"  # prepared folder, or a name under $SSBCTL_HOME/data
+    experts: tuple[str, ...] = ()  # more prepared folders of the same videos (other backbones)
     train_split: str = "train"  # split trained on
     eval_split: str = "val"  # split evaluated after each epoch ("" to skip)
     num_workers: int = _min(0, 0)  # DataLoader worker processes

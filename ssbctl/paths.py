@@ -53,3 +53,10 @@ def resolve_prepared(name: str) -> Path:
             return candidate
     raise UserError(f"no prepared data at '{name}' (looked in {path} and {home() / 'data' / name}); "
                     f"run `ssbctl prepare` first")
+
+
+def open_stores(prepared: str, experts: tuple[str, ...] = ()) -> "ExpertStores":
+    """The prepared data a recipe names: its main store plus any extra experts."""
+    from ssbctl.data.store import ExpertStores
+
+    return ExpertStores([resolve_prepared(p) for p in (prepared, *experts)])

@@ -98,3 +98,16 @@ def tiny_recipe_args(shapes_store: Path, tiny_text_model: Path, tmp_path: Path):
         return tiny_overrides(shapes_store, tiny_text_model, tmp_path / name, **extra)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 1-layer ViT (hidden 16) with its image processor, for AutoModel frame backbones."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny_vit")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=32, patch_size=16)).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -123,22 +123,17 @@ def test_missing_annotation_files_are_user_errors(tmp_path: Path, capsys) -> Non
     assert main(["prepare", "vatex", "--root", str(tmp_path / "empty")]) == 2
 
 
-def test_hf_automodel_backbone_and_imported_features(tmp_path: Path, capsys) -> None:
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    folder = tmp_path / "tiny_vit"
-    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                       image_size=32, patch_size=16)).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+def test_hf_automodel_backbone_and_imported_features(tmp_path: Path, tiny_vit: Path, capsys) -> None:
+    folder = tiny_vit
     root = fixtures.msvd(tmp_path / "msvd", per_split=1)
     code = main(["prepare", "msvd", "--root", str(root), "--out", str(tmp_path / "vit"), "--backbone", f"hf:{folder}",
                  "--backbone", "pixels", "--pixel-size", "4", "--workers", "0", "--json"])
     assert code == 0
     manifests = json.loads(capsys.readouterr().out)["manifests"]
     assert [m["backbone"]["dim"] for m in manifests] == [16, 48]
-    assert [Path(m["out"]).name for m in manifests] == ["vit-tiny_vit", "vit-pixels"]
+    assert [Path(m["out"]).name for m in manifests] == [f"vit-{folder.name}", "vit-pixels"]
     # the same features imported from .npy files give the same store contents
-    store = FeatureStore(tmp_path / "vit-tiny_vit")
+    store = FeatureStore(tmp_path / f"vit-{folder.name}")
     feats_dir = tmp_path / "npy"
     feats_dir.mkdir()
     import numpy as np

@@ -133,3 +133,24 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_recipe_args, t
     assert done.returncode == 0, done.stderr[-2000:]
     assert latest_checkpoint(tmp_path / "killed").name == "step-00000100"
     _assert_same_weights(tmp_path / "reference", tmp_path / "killed")
+
+
+def test_two_experts_train_and_evaluate(shapes_raw: Path, tiny_vit: Path, tiny_recipe_args, tmp_path: Path, capsys) -> None:
+    """Two backbones prepared in one pass become two experts of the video encoder."""
+    from ssbctl.cli.app import main
+
+    assert main(["prepare", "custom", "--annotations", str(shapes_raw / "captions.jsonl"), "--out", str(tmp_path / "s"),
+                 "--backbone", "pixels", "--backbone", f"hf:{tiny_vit}", "--pixel-size", "8", "--frames", "3",
+                 "--workers", "0", "--json"]) == 0
+    capsys.readouterr()
+    main_store, vit_store = tmp_path / "s-pixels", tmp_path / f"s-{tiny_vit.name}"
+    args = [a for a in tiny_recipe_args("run", **{"train.max_steps": 3}) if not a.startswith("data.prepared")]
+    recipe = load_recipe("shapes", [*args, f'data.prepared="{main_store}"', f'data.experts=["{vit_store}"]'])
+    summary = train(recipe, tmp_path / "run")
+    assert summary["steps"] == 3
+    from ssbctl.engine.run import load_run
+
+    run = load_run(tmp_path / "run")
+    assert run.recipe.model.video.input_dims == (192, 16) and len(run.model.video.inputs) == 2
+    assert main(["evaluate", str(tmp_path / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_videos"] == 6

@@ -8,7 +8,7 @@ import click
 import typer
 
 from ssbctl.cli import demo, evaluate, index, prepare, retrieve, train
-from ssbctl.errors import TrainingError, UserError
+from ssbctl.errors import DataError, TrainingError, UserError
 
 app = typer.Typer(name="ssbctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Support-Set Bottlenecks for video-text retrieval: prepare, train, evaluate, retrieve.")
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingError as exc:
         print(f"error: training failed: {exc}", file=sys.stderr)
+        return 1
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     except click.exceptions.Exit as exc:
         return exc.exit_code

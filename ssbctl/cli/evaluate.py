@@ -26,13 +26,12 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """R@1/5/10, median and mean rank, text-to-video and video-to-text (ties count against the model)."""
-    from ssbctl.data.store import FeatureStore
     from ssbctl.engine.run import load_run
     from ssbctl.evaluation.evaluate import evaluate_split
-    from ssbctl.paths import resolve_prepared
+    from ssbctl.paths import open_stores
 
     loaded = load_run(run, checkpoint, device)
-    store = FeatureStore(resolve_prepared(data or loaded.recipe.data.prepared))
+    store = open_stores(data or loaded.recipe.data.prepared, loaded.recipe.data.experts)
     result = evaluate_split(loaded.model, loaded.tokenizer, store, split, loaded.device)
     if as_json:
         print_json(result)

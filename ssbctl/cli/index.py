@@ -27,13 +27,12 @@ def index(
     as_json: JsonOption = False,
 ) -> None:
     """Build an index folder: normalised video embeddings, ids and source paths."""
-    from ssbctl.data.store import FeatureStore
     from ssbctl.engine.run import load_run
-    from ssbctl.paths import default_index, resolve_prepared
+    from ssbctl.paths import default_index, open_stores
     from ssbctl.retrieval.build import index_store
 
     loaded = load_run(run, checkpoint, device)
-    store = FeatureStore(resolve_prepared(data or loaded.recipe.data.prepared))
+    store = open_stores(data or loaded.recipe.data.prepared, loaded.recipe.data.experts)
     built = index_store(loaded, store, split or None)
     target = output or default_index()
     built.save(target)

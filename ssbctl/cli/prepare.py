@@ -18,6 +18,8 @@ EPILOG = """Examples:
   ssbctl prepare msrvtt --root /data/msrvtt --shard 0/4  # one of four processes; the last one merges
 
   ssbctl prepare custom --annotations my/captions.jsonl --out data/mine
+
+  ssbctl prepare msvd --download --root /data/msvd       # fetch, resume, check, extract safely, then prepare
 """
 
 
@@ -41,6 +43,9 @@ def prepare(
     output: Annotated[Path | None, typer.Option("--out", help="Prepared-data folder (default: $SSBCTL_HOME/data/DATASET-BACKBONE).")] = None,
     backbones: Annotated[list[str] | None, typer.Option("--backbone", help="pixels, clip, clip:MODEL or hf:MODEL; repeat for several experts.")] = None,
     features: Annotated[Path | None, typer.Option(help="Import pre-extracted features (VIDEO_ID.npy or .safetensors per video) instead of decoding.")] = None,
+    download: Annotated[bool, typer.Option(help="Download the dataset's files into --root first (resumable, checked).")] = False,
+    urls: Annotated[list[str] | None, typer.Option("--url", help="With --download: fetch these instead of the known sources.")] = None,
+    sha256: Annotated[str | None, typer.Option(help="With one --url: its expected SHA-256.")] = None,
     split: Annotated[str, typer.Option(help="msrvtt: training split 9k or 7k.")] = "9k",
     frames: Annotated[int | None, typer.Option(help="Most frames per video (default: the dataset's: 12, or 64 for paragraphs).")] = None,
     sampling: Annotated[str | None, typer.Option(help="fps (default for real datasets) or uniform (segment centres).")] = None,
@@ -68,6 +73,12 @@ def prepare(
     mode = sampling or ("uniform" if dataset in ("shapes", "custom") else "fps")
     if mode not in ("uniform", "fps") or (frames is not None and frames < 1):
         raise UserError("--sampling must be uniform or fps, and --frames at least 1")
+    if download:
+        from ssbctl.data.download import fetch_dataset
+
+        root = root or home() / "raw" / dataset
+        with progress_bar("download") as update:
+            fetch_dataset(dataset, root, urls, sha256, progress=lambda _name: update)
     with progress_bar("generate clips" if dataset == "shapes" else "read annotations") as update:
         items = dataset_items(dataset, root, annotations, ShapesSpec(num_videos=num_videos, seed=seed), update, split)
     if features is not None:

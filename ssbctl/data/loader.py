@@ -16,7 +16,7 @@ class PairDataset(Dataset):
 
     def __init__(self, store: FeatureStore, split: str) -> None:
         self.videos = store.split_videos(split)
-        self.features = store.load_features(self.videos)
+        self.features = store.load_experts(self.videos)  # [expert][video] (T, dim)
         index = {v["video_id"]: i for i, v in enumerate(self.videos)}
         self.pairs = [(index[c["video_id"]], c["caption"]) for c in store.split_captions(split)
                       if c["video_id"] in index]
@@ -24,9 +24,9 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, int]:
+    def __getitem__(self, i: int) -> tuple[list[torch.Tensor], str, int]:
         video, caption = self.pairs[i]
-        return self.features[video], caption, video
+        return [expert[video] for expert in self.features], caption, video
 
     @property
     def captions(self) -> list[str]:
@@ -58,10 +58,11 @@ class Collate:
                              return_tensors="pt")
         return tok["input_ids"], tok["attention_mask"]
 
-    def __call__(self, items: list[tuple[torch.Tensor, str, int]]) -> Batch:
-        frames, mask = pad_frames([f for f, _, _ in items])
+    def __call__(self, items: list[tuple[list[torch.Tensor], str, int]]) -> Batch:
+        padded = [pad_frames([f[e] for f, _, _ in items]) for e in range(len(items[0][0]))]
         ids, attention = self.tokenize([c for _, c, _ in items])
-        return Batch([frames], [mask], ids, attention, torch.tensor([v for _, _, v in items]))
+        return Batch([p[0] for p in padded], [p[1] for p in padded], ids, attention,
+                     torch.tensor([v for _, _, v in items]))
 
 
 class EpochBatchSampler(Sampler[list[int]]):

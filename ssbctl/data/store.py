@@ -149,3 +149,37 @@ class FeatureStore:
                 for i in positions:
                     out[i] = fh.get_tensor(videos[i]["video_id"])
         return out  # type: ignore[return-value]
+
+    @property
+    def feature_dims(self) -> tuple[int, ...]:
+        """Feature size of each expert (one store is one expert)."""
+        return (self.feature_dim,)
+
+    def load_experts(self, videos: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
+        """Features of ``videos`` per expert: ``[expert][video]`` of ``(T, dim)``."""
+        return [self.load_features(videos)]
+
+
+class ExpertStores(FeatureStore):
+    """A main store (captions, splits, protocol) plus stores of other backbones for the same
+    videos, each one more expert for the video encoder."""
+
+    def __init__(self, roots: list[Path]) -> None:
+        super().__init__(roots[0])
+        self.extra = [FeatureStore(r) for r in roots[1:]]
+        for other in self.extra:
+            missing = {v["video_id"] for v in self.videos} - {v["video_id"] for v in other.videos}
+            if missing:
+                raise UserError(f"{other.root} lacks {len(missing)} videos of {self.root} "
+                                f"(e.g. {sorted(missing)[0]}); prepare every expert from the same data")
+
+    @property
+    def feature_dims(self) -> tuple[int, ...]:
+        return (self.feature_dim, *(o.feature_dim for o in self.extra))
+
+    def load_experts(self, videos: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
+        out = [self.load_features(videos)]
+        for other in self.extra:
+            rows = {v["video_id"]: v for v in other.videos}
+            out.append(other.load_features([rows[v["video_id"]] for v in videos]))
+        return out

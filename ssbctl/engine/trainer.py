@@ -22,14 +22,13 @@ from torch.utils.data import DataLoader
 
 from ssbctl.config import Recipe, TrainConfig
 from ssbctl.data.loader import Collate, EpochBatchSampler, PairDataset
-from ssbctl.data.store import FeatureStore
 from ssbctl.engine.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
 from ssbctl.engine.run import build_run_model, read_run_recipe, resolve_device, write_recipe, write_run_files
 from ssbctl.errors import TrainingError, UserError
 from ssbctl.evaluation.evaluate import evaluate_split
 from ssbctl.io import append_jsonl
 from ssbctl.model.ssb import Batch, SSBModel, build_model
-from ssbctl.paths import resolve_prepared
+from ssbctl.paths import open_stores
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -115,13 +114,13 @@ class Trainer:
         self.reporter = reporter or SilentReporter()
         self.device = resolve_device(self.cfg.device)
         self.amp = amp_dtype(self.cfg.precision, self.device)
-        self.store = FeatureStore(resolve_prepared(recipe.data.prepared))
+        self.store = open_stores(recipe.data.prepared, recipe.data.experts)
         self.dataset = PairDataset(self.store, recipe.data.train_split)
         checkpoint = self._checkpoint_to_resume(resume)
         torch.manual_seed(self.cfg.seed)
         if checkpoint is None:
             model, self.tokenizer, model_cfg = build_model(
-                recipe.model, recipe.loss, (self.store.feature_dim,), self.dataset.captions)
+                recipe.model, recipe.loss, self.store.feature_dims, self.dataset.captions)
             recipe = dataclasses.replace(recipe, model=model_cfg)
             write_run_files(self.run_dir, recipe, self.tokenizer, model.text.backbone.config)
         else:  # the architecture is the run's own, whatever model the given recipe names

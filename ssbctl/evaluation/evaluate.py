@@ -26,13 +26,13 @@ class SplitEmbeddings:
 
 
 @torch.no_grad()
-def embed_features(model: SSBModel, features: list[torch.Tensor], device: torch.device,
+def embed_features(model: SSBModel, features: list[list[torch.Tensor]], device: torch.device,
                    batch_size: int = 256) -> torch.Tensor:
-    """Video embeddings ``(N, D)`` on the CPU from per-video ``(T, dim)`` features."""
+    """Video embeddings ``(N, D)`` on the CPU from ``features[expert][video]`` of ``(T, dim)``."""
     out = []
-    for start in range(0, len(features), batch_size):
-        frames, mask = pad_frames(features[start:start + batch_size])
-        out.append(model.encode_video([frames.to(device)], [mask.to(device)]).cpu())
+    for start in range(0, len(features[0]), batch_size):
+        padded = [pad_frames(expert[start:start + batch_size]) for expert in features]
+        out.append(model.encode_video([f.to(device) for f, _ in padded], [m.to(device) for _, m in padded]).cpu())
     return torch.cat(out) if out else torch.zeros(0, model.cfg.embed_dim)
 
 
@@ -58,7 +58,7 @@ def embed_split(model: SSBModel, tokenizer: Any, store: FeatureStore, split: str
     row = {v["video_id"]: i for i, v in enumerate(videos)}
     captions = [c for c in store.split_captions(split) if c["video_id"] in row]
     result = SplitEmbeddings(
-        video=embed_features(model, store.load_features(videos), device),
+        video=embed_features(model, store.load_experts(videos), device),
         text=embed_texts(model, tokenizer, [c["caption"] for c in captions], device),
         caption_video=torch.tensor([row[c["video_id"]] for c in captions], dtype=torch.long),
         video_ids=[v["video_id"] for v in videos], video_paths=[v["path"] for v in videos],

@@ -13,7 +13,7 @@ from ssbctl.retrieval.index import Index
 def index_store(run: LoadedRun, store: FeatureStore, splits: list[str] | None = None) -> Index:
     """Embed every video of ``splits`` (all splits when None) of a prepared store."""
     videos = [v for v in store.videos if splits is None or v["split"] in splits]
-    embeddings = embed_features(run.model, store.load_features(videos), run.device)
+    embeddings = embed_features(run.model, store.load_experts(videos), run.device)
     records = [{"video_id": v["video_id"], "path": v["path"], "split": v["split"]} for v in videos]
     meta = {"run": str(Path(run.run_dir).resolve()), "checkpoint": run.checkpoint.name,
             "source": str(store.root.resolve())}

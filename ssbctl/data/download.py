@@ -1,0 +1,188 @@
+"""``prepare --download``: fetch a dataset's files, resume broken transfers, check, extract safely.
+
+Downloads stream to ``NAME.part`` and resume with an HTTP Range request after an interruption;
+a SHA-256 is checked when one is known (a mismatch removes the file and fails). Archives are
+checked member by member before anything is written: no absolute path, no ``..``, no link that
+points outside the target folder, no device file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from ssbctl.errors import DataError, UserError
+from ssbctl.io import atomic_write_bytes
+
+Progress = Callable[[int, int], None]
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file a dataset is made of, and what it is checked against."""
+
+    url: str
+    sha256: str | None = None  # hex digest, when the publisher gives one
+    note: str = ""
+
+
+# Where each dataset's publishers (or the CLIP4Clip release) put its files. Override with --url.
+SOURCES: dict[str, list[Source]] = {
+    "msrvtt": [Source("https://www.robots.ox.ac.uk/~maxbain/frozen-in-time/data/MSRVTT.zip",
+                      note="videos and MSRVTT_data.json; the 9k and 1k-A split files ship with ssbctl")],
+    "msvd": [Source("https://www.cs.utexas.edu/users/ml/clamp/videoDescription/YouTubeClips.tar",
+                    note="videos; raw-captions.pkl comes with the CLIP4Clip release (--url to add it)")],
+    "vatex": [Source("https://eric-xw.github.io/vatex-website/data/vatex_training_v1.0.json"),
+              Source("https://eric-xw.github.io/vatex-website/data/vatex_validation_v1.0.json",
+                     note="annotations only: VATEX videos are YouTube clips you must fetch yourself")],
+    "activitynet": [Source("https://cs.stanford.edu/people/ranjaykrishna/densevid/captions.zip",
+                           note="annotations only: ActivityNet videos are distributed on request")],
+    "didemo": [Source("https://raw.githubusercontent.com/LisaAnne/LocalizingMoments/master/data/train_data.json"),
+               Source("https://raw.githubusercontent.com/LisaAnne/LocalizingMoments/master/data/val_data.json"),
+               Source("https://raw.githubusercontent.com/LisaAnne/LocalizingMoments/master/data/test_data.json",
+                      note="annotations only: DiDeMo videos come from the YFCC100M release")],
+}
+
+
+def sources_for(dataset: str, urls: list[str] | None = None, sha256: str | None = None) -> list[Source]:
+    """The table's sources for ``dataset``, or the given URLs (with an optional checksum for one URL)."""
+    if urls:
+        if sha256 and len(urls) != 1:
+            raise UserError("--sha256 goes with exactly one --url")
+        return [Source(u, sha256) for u in urls]
+    if dataset not in SOURCES:
+        raise UserError(f"no known download for '{dataset}'; give --url")
+    return SOURCES[dataset]
+
+
+def file_name(url: str) -> str:
+    """The file name a URL is saved under."""
+    name = PurePosixPath(urllib.parse.urlparse(url).path).name
+    if not name:
+        raise UserError(f"cannot tell a file name from URL {url}")
+    return name
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch_once(url: str, part: Path, progress: Progress | None, timeout: float) -> bool:
+    """Continue ``part`` from its current size; True when the server says the file is complete."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # nothing left to send: the part is whole
+            return True
+        raise
+    with response:
+        if have and response.status != 206:
+            have = 0  # the server ignored the range: start over
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else -1
+        with open(part, "ab" if have else "wb") as fh:
+            while True:
+                block = response.read(CHUNK)
+                if not block:
+                    break
+                fh.write(block)
+                have += len(block)
+                if progress:
+                    progress(have, max(total, have))
+    return total < 0 or have >= total
+
+
+def download(source: Source, folder: Path, progress: Progress | None = None, retries: int = 5,
+             timeout: float = 60.0) -> Path:
+    """Download ``source`` into ``folder`` (resuming a ``.part``), check it, return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / file_name(source.url)
+    if dest.is_file() and (source.sha256 is None or sha256_of(dest) == source.sha256):
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            if _fetch_once(source.url, part, progress, timeout):
+                break
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as exc:
+            if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
+                raise DataError(f"download of {source.url} failed: HTTP {exc.code}") from None
+            if attempt == retries:
+                raise DataError(f"download of {source.url} failed after {retries + 1} tries: {exc}") from None
+        time.sleep(min(2 ** attempt * 0.1, 5))
+    else:
+        raise DataError(f"download of {source.url} did not complete after {retries + 1} tries")
+    if source.sha256 is not None:
+        actual = sha256_of(part)
+        if actual != source.sha256.lower():
+            part.unlink()
+            raise DataError(f"{dest.name}: SHA-256 is {actual}, expected {source.sha256}; the file was removed")
+    part.replace(dest)
+    return dest
+
+
+def _inside(target: Path, name: str) -> bool:
+    if not name or PurePosixPath(name).is_absolute() or name.startswith("\\"):
+        return False
+    return (target / name).resolve().is_relative_to(target.resolve())
+
+
+def check_tar(archive: Path, target: Path) -> list[tarfile.TarInfo]:
+    """The members of a tar archive, after checking none can escape ``target``."""
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+    for m in members:
+        if not _inside(target, m.name):
+            raise DataError(f"{archive.name}: member '{m.name}' would be written outside {target}; refused")
+        if m.issym() or m.islnk():
+            base = (target / m.name).parent if m.issym() else target
+            if PurePosixPath(m.linkname).is_absolute() or not (base / m.linkname).resolve().is_relative_to(target.resolve()):
+                raise DataError(f"{archive.name}: link '{m.name}' -> '{m.linkname}' points outside {target}; refused")
+        if m.isdev():
+            raise DataError(f"{archive.name}: member '{m.name}' is a device file; refused")
+    return members
+
+
+def extract(archive: Path, target: Path) -> None:
+    """Extract a tar or zip archive into ``target`` after checking every member; other files stay as they are."""
+    target.mkdir(parents=True, exist_ok=True)
+    if tarfile.is_tarfile(archive):
+        members = check_tar(archive, target)
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, members=members, filter="data")
+    elif zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for name in zf.namelist():
+                if not _inside(target, name):
+                    raise DataError(f"{archive.name}: member '{name}' would be written outside {target}; refused")
+            zf.extractall(target)
+
+
+def fetch_dataset(dataset: str, root: Path, urls: list[str] | None = None, sha256: str | None = None,
+                  progress: Callable[[str], Progress] | None = None) -> list[Path]:
+    """Download every source of ``dataset`` into ``root/downloads`` and extract archives into ``root``."""
+    paths = []
+    for source in sources_for(dataset, urls, sha256):
+        path = download(source, root / "downloads", progress(file_name(source.url)) if progress else None)
+        if tarfile.is_tarfile(path) or zipfile.is_zipfile(path):
+            extract(path, root)
+        else:
+            atomic_write_bytes(root / path.name, path.read_bytes())
+        paths.append(path)
+    return paths
