@@ -113,7 +113,7 @@ class TrainConfig:
     output_dir: str = "runs/run"  # run folder: checkpoints, resolved recipe, metrics
     epochs: int = _min(10, 1)  # passes over the (video, caption) pairs
     max_steps: int = _min(0, 0)  # stop after this many optimizer steps; 0 = run all epochs
-    batch_size: int = _min(64, 2)  # global batch of (video, caption) pairs = support set size
+    batch_size: int = _min(64, 2)  # GLOBAL batch of (video, caption) pairs, split over processes; = support set
     lr: float = _min(1e-3, 0.0)  # peak learning rate of the new (non-pretrained) parameters
     text_lr: float = _min(1e-5, 0.0)  # peak learning rate of the pretrained text encoder
     weight_decay: float = _min(0.01, 0.0)  # AdamW decoupled weight decay
@@ -122,6 +122,7 @@ class TrainConfig:
     grad_clip: float = _min(1.0, 0.0)  # max global gradient norm; 0 = off
     precision: str = _choice("bf16", ("bf16", "fp16", "fp32"))  # AMP on CUDA; CPU always fp32
     device: str = _choice("auto", ("auto", "cpu", "cuda"))  # auto: CUDA when present
+    compile: bool = False  # wrap the model in torch.compile
     seed: int = 0  # seeds data order, initialisation and dropout
     log_every: int = _min(10, 1)  # steps between metrics.jsonl lines
     ckpt_every: int = _min(0, 0)  # steps between checkpoints; 0 = at the end of each epoch

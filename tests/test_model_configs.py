@@ -33,7 +33,7 @@ def test_model_config_builds_at_tiny_size_and_takes_a_step(name: str, tmp_path: 
     captions = ["a red circle moves to the left", "a big blue box spins", "a person cooks"]
     model, tokenizer, resolved = build_model(tiny, LossConfig(), (24,), captions)
     assert resolved.video.input_dims == (24,)
-    items = [(torch.randn(5, 24), c, i) for i, c in enumerate(captions)]
+    items = [([torch.randn(5, 24)], c, i) for i, c in enumerate(captions)]
     batch = Collate(tokenizer, 12)(items)
     terms = model(batch)
     assert torch.isfinite(terms["loss"]) and ("caption_loss" in terms) == (cfg.support.mask != "none")

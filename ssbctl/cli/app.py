@@ -21,7 +21,7 @@ for module in (prepare, train, evaluate, index, retrieve, demo):
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 failure, 2 user error, 130 interrupted."""
     try:
-        app(args=argv, prog_name="ssbctl", standalone_mode=False)
+        code = app(args=argv, prog_name="ssbctl", standalone_mode=False)  # an int when a command exits with one
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def run() -> None:

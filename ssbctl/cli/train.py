@@ -16,6 +16,8 @@ EPILOG = """Examples:
   ssbctl train --recipe recipes/shapes.toml --set model.support.mask=none --out runs/baseline
 
   ssbctl train --resume --out runs/shapes              # continue from the latest checkpoint
+
+  ssbctl train --recipe shapes --nproc 2               # = torchrun --standalone --nproc_per_node 2 -m ssbctl train ...
 """
 
 
@@ -24,14 +26,25 @@ def train(
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: train.lr=3e-4 (repeatable).")] = None,
     output: Annotated[Path | None, typer.Option("--out", help="Run folder (default: the recipe's train.output_dir).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
+    nproc: Annotated[int, typer.Option(help="Launch this many processes with torchrun (one per GPU, or gloo on CPU).")] = 1,
     as_json: JsonOption = False,
 ) -> None:
-    """Train the SSB model on prepared data; checkpoints, metrics.jsonl and the resolved recipe go to the run folder."""
-    from ssbctl.engine.train_setup import resolve_recipe
+    """Train the SSB model on prepared data; checkpoints, metrics.jsonl and the resolved recipe go to the run folder.
+
+    train.batch_size is the global batch (the support set and the negatives); each of N processes takes 1/N of it."""
+    from ssbctl.engine.distributed import DistInfo, teardown
+    from ssbctl.engine.train_setup import launch_torchrun, resolve_recipe
     from ssbctl.engine.trainer import train as run_training
 
+    if nproc > 1:
+        raise typer.Exit(launch_torchrun(nproc))
     resolved, run_dir = resolve_recipe(recipe, overrides or [], output, resume)
-    summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter())
+    try:
+        summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter())
+    finally:
+        teardown()
+    if not DistInfo(rank=summary["rank"]).is_main:
+        return
     if as_json:
         print_json(summary)
         return

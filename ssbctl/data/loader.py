@@ -67,10 +67,16 @@ class Collate:
 
 class EpochBatchSampler(Sampler[list[int]]):
     """Shuffles the pairs afresh each epoch from ``(seed, epoch)`` alone, so any epoch's batch
-    order can be rebuilt; ``start`` skips the batches a resumed run has already trained on."""
+    order can be rebuilt; ``start`` skips the batches a resumed run has already trained on.
 
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
-        self.size, self.batch_size, self.seed = size, min(batch_size, size), seed
+    Batches are global: under torchrun every rank builds the same ones and takes its
+    ``rank``-th slice, so N processes see exactly the batches one process would.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        batch_size = min(batch_size, size - size % world)
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.per_rank = rank, batch_size // world
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -78,14 +84,16 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.epoch, self.start = epoch, start
 
     def batches(self) -> list[list[int]]:
-        """All full batches of the current epoch (the incomplete last one is dropped)."""
+        """All full global batches of the current epoch (the incomplete last one is dropped)."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=gen).tolist()
         full = self.size // self.batch_size * self.batch_size
         return [order[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches()[self.start:]
+        lo = self.rank * self.per_rank
+        for batch in self.batches()[self.start:]:
+            yield batch[lo:lo + self.per_rank]
 
     def __len__(self) -> int:
         return self.size // self.batch_size - self.start

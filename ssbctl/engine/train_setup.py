@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from ssbctl.config import Recipe, deep_merge, load_recipe, parse_override, recipe_from_dict, to_dict
@@ -29,3 +32,21 @@ def resolve_recipe(recipe: str | None, overrides: list[str], output: Path | None
         raise UserError("--recipe is required (a name such as 'shapes', or a TOML file)")
     loaded = load_recipe(recipe, overrides)
     return loaded, Path(output or loaded.train.output_dir)
+
+
+def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
+    """Run this same ``ssbctl train`` command under ``torchrun --standalone`` with ``nproc`` workers."""
+    if "WORLD_SIZE" in os.environ:
+        raise UserError("--nproc is for launching; under torchrun already, drop it")
+    args = list(sys.argv[1:] if argv is None else argv)
+    cleaned, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            cleaned.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ssbctl", *cleaned]
+    return subprocess.call(cmd)

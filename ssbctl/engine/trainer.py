@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 from ssbctl.config import Recipe, TrainConfig
 from ssbctl.data.loader import Collate, EpochBatchSampler, PairDataset
 from ssbctl.engine.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
-from ssbctl.engine.run import build_run_model, read_run_recipe, resolve_device, write_recipe, write_run_files
+from ssbctl.engine.distributed import any_rank, barrier, gather_objects, setup
+from ssbctl.engine.run import build_run_model, read_run_recipe, write_recipe, write_run_files
 from ssbctl.errors import TrainingError, UserError
 from ssbctl.evaluation.evaluate import evaluate_split
 from ssbctl.io import append_jsonl
@@ -111,8 +112,11 @@ class Trainer:
                  reporter: Reporter | None = None) -> None:
         self.cfg = recipe.train
         self.run_dir = Path(run_dir)
-        self.reporter = reporter or SilentReporter()
-        self.device = resolve_device(self.cfg.device)
+        self.dist, self.device = setup(self.cfg.device)
+        if self.cfg.batch_size % self.dist.world:
+            raise UserError(f"train.batch_size={self.cfg.batch_size} (the global batch) must be divisible by "
+                            f"the {self.dist.world} processes")
+        self.reporter = (reporter or SilentReporter()) if self.dist.is_main else SilentReporter()
         self.amp = amp_dtype(self.cfg.precision, self.device)
         self.store = open_stores(recipe.data.prepared, recipe.data.experts)
         self.dataset = PairDataset(self.store, recipe.data.train_split)
@@ -122,17 +126,22 @@ class Trainer:
             model, self.tokenizer, model_cfg = build_model(
                 recipe.model, recipe.loss, self.store.feature_dims, self.dataset.captions)
             recipe = dataclasses.replace(recipe, model=model_cfg)
-            write_run_files(self.run_dir, recipe, self.tokenizer, model.text.backbone.config)
+            if self.dist.is_main:
+                write_run_files(self.run_dir, recipe, self.tokenizer, model.text.backbone.config)
         else:  # the architecture is the run's own, whatever model the given recipe names
             recipe = dataclasses.replace(recipe, model=read_run_recipe(self.run_dir).model)
             model, self.tokenizer = build_run_model(self.run_dir, recipe)
-            write_recipe(self.run_dir, recipe)  # overrides given on resume (more epochs) are kept
+            if self.dist.is_main:
+                write_recipe(self.run_dir, recipe)  # overrides given on resume (more epochs) are kept
+        barrier()
         self.recipe = recipe
-        self.model = model.to(self.device)
-        self.sampler = EpochBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed)
+        self.module: SSBModel = model.to(self.device)
+        self.model = self._wrap(self.module)
+        self.sampler = EpochBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed,
+                                         self.dist.rank, self.dist.world)
         self.steps_per_epoch = len(self.sampler.batches())
         self.total_steps = self.cfg.max_steps or self.cfg.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.optimizer = build_optimizer(self.module, self.cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, self.cfg))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
@@ -141,9 +150,17 @@ class Trainer:
         self.stop_signal: int | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.model.text.warm_cache(self.tokenizer, self.dataset.captions)
+        self.module.text.warm_cache(self.tokenizer, self.dataset.captions)
 
     # ------------------------------------------------------------ setup and state
+
+    def _wrap(self, module: SSBModel) -> torch.nn.Module:
+        """DistributedDataParallel under torchrun, then ``torch.compile`` if the recipe asks."""
+        model: torch.nn.Module = module
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        return torch.compile(model) if self.cfg.compile else model
 
     def _checkpoint_to_resume(self, resume: bool) -> Path | None:
         found = latest_checkpoint(self.run_dir)
@@ -155,26 +172,30 @@ class Trainer:
         return found
 
     def _restore(self, checkpoint: Path) -> None:
-        load_weights(self.model, checkpoint)
+        load_weights(self.module, checkpoint)
         trainer, state = load_trainer_state(checkpoint)
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.scheduler.load_state_dict(trainer["scheduler"])
         self.scaler.load_state_dict(trainer["scaler"])
-        set_rng_states(trainer["rng"])
+        rng = trainer["rng"]
+        if len(rng) != self.dist.world:
+            raise UserError(f"{checkpoint} was written by {len(rng)} processes; resume it with as many")
+        set_rng_states(rng[self.dist.rank])
         self.state = TrainState(**state["trainer"])
         self.saved_step = self.state.step
         self.reporter.note(f"resumed from {checkpoint.name} (epoch {self.state.epoch + 1}, "
                            f"step {self.state.step})")
 
-    def save(self) -> Path:
-        """Write a checkpoint of the current step."""
-        trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                   "scaler": self.scaler.state_dict(), "rng": rng_states()}
-        path = save_checkpoint(self.run_dir, self.model, trainer,
-                               {"step": self.state.step, "trainer": dataclasses.asdict(self.state)},
-                               self.cfg.keep_checkpoints)
+    def save(self) -> None:
+        """Write a checkpoint of the current step (rank 0 writes; every rank's RNG state goes in)."""
+        rng = gather_objects(rng_states())
+        if self.dist.is_main:
+            trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                       "scaler": self.scaler.state_dict(), "rng": rng}
+            save_checkpoint(self.run_dir, self.module, trainer,
+                            {"step": self.state.step, "world": self.dist.world,
+                             "trainer": dataclasses.asdict(self.state)}, self.cfg.keep_checkpoints)
         self.saved_step = self.state.step
-        return path
 
     # ------------------------------------------------------------ the loop
 
@@ -184,6 +205,8 @@ class Trainer:
                             collate_fn=Collate(self.tokenizer, self.recipe.model.text.max_tokens),
                             num_workers=self.recipe.data.num_workers,
                             pin_memory=self.device.type == "cuda",
+                            persistent_workers=self.recipe.data.num_workers > 0,
+                            prefetch_factor=4 if self.recipe.data.num_workers > 0 else None,
                             generator=torch.Generator())  # keeps worker seeding off the global RNG
         self.model.train()
         self.reporter.start(self.total_steps, self.state.step)
@@ -198,8 +221,9 @@ class Trainer:
                     last_eval = self._end_of_epoch() or last_eval
             if self.saved_step != self.state.step:
                 self.save()
+        barrier()
         self.reporter.stop()
-        return {"run_dir": str(self.run_dir), "steps": self.state.step, "epochs": self.state.epoch,
+        return {"run_dir": str(self.run_dir), "rank": self.dist.rank, "steps": self.state.step, "epochs": self.state.epoch,
                 "nonfinite_steps": self.state.nonfinite_steps, "eval": last_eval,
                 "stopped_by": signal.Signals(self.stop_signal).name if self.stop_signal else None}
 
@@ -227,7 +251,10 @@ class Trainer:
                 window, count, clips, tick = {}, 0, 0, time.perf_counter()
             if self.cfg.ckpt_every and self.state.step % self.cfg.ckpt_every == 0:
                 self.save()
-            if self.state.step >= self.total_steps or self.stop_signal is not None:
+            if any_rank(self.stop_signal is not None, self.device):
+                self.stop_signal = self.stop_signal or signal.SIGTERM  # all ranks stop at the same step
+                return
+            if self.state.step >= self.total_steps:
                 return
 
     def _train_step(self, batch: Batch) -> dict[str, float] | None:
@@ -254,21 +281,24 @@ class Trainer:
     # ------------------------------------------------------------ bookkeeping
 
     def _log(self, terms: dict[str, float], clips_per_s: float) -> None:
+        if not self.dist.is_main:
+            return
         row = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.scheduler.get_last_lr()[-1],
-               **terms, "temperature": float(torch.exp(-self.model.log_logit_scale.detach())),
-               "clips_per_s": clips_per_s, "time": time.time()}
+               **terms, "temperature": float(torch.exp(-self.module.log_logit_scale.detach())),
+               "clips_per_s": clips_per_s * self.dist.world, "time": time.time()}
         append_jsonl(self.run_dir / METRICS_FILE, row)
 
     def _end_of_epoch(self) -> dict[str, Any] | None:
         result = None
         split = self.recipe.data.eval_split
-        if split:
-            result = evaluate_split(self.model, self.tokenizer, self.store, split, self.device)
+        if split and self.dist.is_main:
+            result = evaluate_split(self.module, self.tokenizer, self.store, split, self.device)
             append_jsonl(self.run_dir / METRICS_FILE,
                          {"step": self.state.step, "epoch": self.state.epoch, "eval": result})
             t2v = result["t2v"]
             self.reporter.note(f"epoch {self.state.epoch}: {split} text-to-video R@1 {t2v['R1']:.1f} "
                                f"R@5 {t2v['R5']:.1f} R@10 {t2v['R10']:.1f} MdR {t2v['MdR']:g}")
+        barrier()
         if not self.cfg.ckpt_every:
             self.save()
         return result

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssbctl.config import LossConfig, ModelConfig
-from ssbctl.losses import SSBLoss
+from ssbctl.losses import SSBLoss, gather_no_grad, gather_with_grad, global_offset
 from ssbctl.model.decoder import CaptionDecoder, decoder_vocab
 from ssbctl.model.support_set import SupportSetBottleneck
 from ssbctl.model.text_encoder import TextEncoder, load_text_backbone
@@ -69,14 +69,21 @@ class SSBModel(nn.Module):
         return F.normalize(self.text(input_ids, attention_mask).float(), dim=-1)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """``{"loss", "contrastive_loss"[, "caption_loss"]}`` for one batch."""
+        """``{"loss", "contrastive_loss"[, "caption_loss"]}`` for one batch.
+
+        Under torchrun the embeddings of all ranks are gathered (with gradients), so negatives and
+        the support set span the global batch; each rank decodes its own captions.
+        """
         video = self.encode_video(batch.video, batch.video_mask)  # (B, D)
         text = self.encode_text(batch.input_ids, batch.attention_mask)  # (B, D)
+        all_video, all_text = gather_with_grad(video), gather_with_grad(text)  # (G, D): global batch
+        all_ids = gather_no_grad(batch.video_index)  # (G,)
         logits = targets = None
         if self.support is not None and self.decoder is not None:
-            memory, _ = self.support(video, batch.video_index)  # (B, slots, W)
+            memory, _ = self.support(video, batch.video_index, all_video, all_ids,
+                                     global_offset(video.shape[0]))  # (B, slots, W)
             logits, targets = self.decoder(batch.input_ids, batch.attention_mask, memory)
-        return self.loss(text, video, batch.video_index, self.log_logit_scale, logits, targets)
+        return self.loss(all_text, all_video, all_ids, self.log_logit_scale, logits, targets)
 
 
 def caption_token_ids(tokenizer: Any, captions: list[str], max_tokens: int) -> list[int]:
