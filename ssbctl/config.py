@@ -114,6 +114,7 @@ class TrainConfig:
     epochs: int = _min(10, 1)  # passes over the (video, caption) pairs
     max_steps: int = _min(0, 0)  # stop after this many optimizer steps; 0 = run all epochs
     batch_size: int = _min(64, 2)  # GLOBAL batch of (video, caption) pairs, split over processes; = support set
+    accum_steps: int = _min(1, 1)  # micro-batches per step; the loss still sees the whole batch (GradCache)
     lr: float = _min(1e-3, 0.0)  # peak learning rate of the new (non-pretrained) parameters
     text_lr: float = _min(1e-5, 0.0)  # peak learning rate of the pretrained text encoder
     weight_decay: float = _min(0.01, 0.0)  # AdamW decoupled weight decay

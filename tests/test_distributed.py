@@ -39,14 +39,16 @@ def _losses(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
-@pytest.mark.parametrize("mask", ["cross", "identity"])
+@pytest.mark.parametrize("mask, accum", [("cross", 1), ("identity", 2)])
 def test_two_process_torchrun_equals_one_process(shapes_store: Path, no_dropout_text: Path, tmp_path: Path,
-                                                  mask: str) -> None:
+                                                  mask: str, accum: int) -> None:
+    """Same losses and weights; the second case also accumulates 2 micro-batches per rank."""
     from conftest import tiny_overrides
 
     extra = {"train.max_steps": 4, "train.batch_size": 8, "data.eval_split": "", "model.video.dropout": 0.0,
              "model.decoder.dropout": 0.0, "model.support.mask": mask, "train.ckpt_every": 2}
     single = tiny_overrides(shapes_store, no_dropout_text, tmp_path / "one", **extra)
+    extra["train.accum_steps"] = accum
     train(load_recipe("shapes", single), tmp_path / "one")
 
     double = tiny_overrides(shapes_store, no_dropout_text, tmp_path / "two", **extra)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from ssbctl.config import Recipe, TrainConfig
 from ssbctl.data.loader import Collate, EpochBatchSampler, PairDataset
+from ssbctl.engine.accumulate import accumulated_backward
 from ssbctl.engine.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
 from ssbctl.engine.distributed import any_rank, barrier, gather_objects, setup
 from ssbctl.engine.run import build_run_model, read_run_recipe, write_recipe, write_run_files
@@ -223,7 +224,8 @@ class Trainer:
                 self.save()
         barrier()
         self.reporter.stop()
-        return {"run_dir": str(self.run_dir), "rank": self.dist.rank, "steps": self.state.step, "epochs": self.state.epoch,
+        return {"run_dir": str(self.run_dir), "rank": self.dist.rank, "steps": self.state.step,
+                "epochs": self.state.epoch,
                 "nonfinite_steps": self.state.nonfinite_steps, "eval": last_eval,
                 "stopped_by": signal.Signals(self.stop_signal).name if self.stop_signal else None}
 
@@ -260,23 +262,39 @@ class Trainer:
     def _train_step(self, batch: Batch) -> dict[str, float] | None:
         """One optimizer step; None (and nothing updated) when the loss is not finite."""
         batch = batch.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            terms = self.model(batch)
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self._backward(batch)
+        if not torch.isfinite(terms["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
             self.state.nonfinite_steps += 1
             self.reporter.note(f"step {self.state.step + 1}: non-finite loss, batch skipped")
             return None
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.state.step += 1
         return {k: float(v.detach()) for k, v in terms.items()}
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
+
+    def _backward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Forward and backward of one (global) batch, whole or in ``accum_steps`` micro-batches."""
+        if self.cfg.accum_steps == 1:
+            with self._autocast():
+                terms = self.model(batch)
+            self.scaler.scale(terms["loss"]).backward()
+            return terms
+        terms = accumulated_backward(self.module, batch, self.cfg.accum_steps, self.scaler.scale, self._autocast)
+        if self.dist.world > 1:  # DDP's hooks only follow its own forward: average by hand
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.dist.world
+        return terms
 
     # ------------------------------------------------------------ bookkeeping
 

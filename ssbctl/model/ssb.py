@@ -35,6 +35,11 @@ class Batch:
         return Batch([move(v) for v in self.video], [move(m) for m in self.video_mask],
                      move(self.input_ids), move(self.attention_mask), move(self.video_index))
 
+    def slice(self, lo: int, hi: int) -> "Batch":
+        """Pairs ``lo:hi`` of the batch (a micro-batch)."""
+        return Batch([v[lo:hi] for v in self.video], [m[lo:hi] for m in self.video_mask],
+                     self.input_ids[lo:hi], self.attention_mask[lo:hi], self.video_index[lo:hi])
+
     def pin_memory(self) -> "Batch":
         """Page-locked copies, for DataLoader(pin_memory=True)."""
         return Batch([v.pin_memory() for v in self.video], [m.pin_memory() for m in self.video_mask],
@@ -74,8 +79,15 @@ class SSBModel(nn.Module):
         Under torchrun the embeddings of all ranks are gathered (with gradients), so negatives and
         the support set span the global batch; each rank decodes its own captions.
         """
-        video = self.encode_video(batch.video, batch.video_mask)  # (B, D)
-        text = self.encode_text(batch.input_ids, batch.attention_mask)  # (B, D)
+        return self.loss_from_embeddings(*self.embed(batch), batch)
+
+    def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised video and text embeddings ``(B, D)`` of a batch."""
+        return (self.encode_video(batch.video, batch.video_mask),
+                self.encode_text(batch.input_ids, batch.attention_mask))
+
+    def loss_from_embeddings(self, video: torch.Tensor, text: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        """The loss terms given the batch's embeddings (the support set, decoder and losses)."""
         all_video, all_text = gather_with_grad(video), gather_with_grad(text)  # (G, D): global batch
         all_ids = gather_no_grad(batch.video_index)  # (G,)
         logits = targets = None

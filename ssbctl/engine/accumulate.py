@@ -1,0 +1,61 @@
+"""Gradient accumulation that keeps the whole batch as negatives and support set (GradCache).
+
+1. Embed every micro-batch without gradients (remembering each one's RNG state).
+2. Compute the loss once on the full batch of embeddings, held as leaf tensors; its backward
+   gives the decoder's and support set's gradients and dL/d(embedding) for every sample.
+3. Re-embed each micro-batch with gradients (same RNG state, so the same dropout masks) and
+   backpropagate the cached dL/d(embedding) through the encoders.
+
+The loss and the gradients equal those of one full batch; encoder activations are held for one
+micro-batch at a time. The cost is one extra no-grad forward pass of both encoders per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ssbctl.model.ssb import Batch, SSBModel
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def accumulated_backward(model: SSBModel, batch: Batch, micro_batches: int,
+                         scale: Callable[[torch.Tensor], torch.Tensor], autocast: Any) -> dict[str, torch.Tensor]:
+    """Backpropagate the full-batch loss through ``micro_batches`` pieces; return the loss terms.
+
+    ``scale`` is the GradScaler's ``scale`` (identity without fp16); ``autocast`` a context factory.
+    """
+    size = batch.input_ids.shape[0]
+    bounds = [(size * i // micro_batches, size * (i + 1) // micro_batches) for i in range(micro_batches)]
+    device = batch.input_ids.device
+    states, videos, texts = [], [], []
+    with torch.no_grad():
+        for lo, hi in bounds:
+            states.append(_rng_state(device))
+            with autocast():
+                v, t = model.embed(batch.slice(lo, hi))
+            videos.append(v)
+            texts.append(t)
+    after = _rng_state(device)
+    video = torch.cat(videos).detach().requires_grad_(True)  # (B, D) leaves
+    text = torch.cat(texts).detach().requires_grad_(True)
+    with autocast():
+        terms = model.loss_from_embeddings(video, text, batch)
+    scale(terms["loss"]).backward()
+    for (lo, hi), state in zip(bounds, states):
+        _set_rng_state(state, device)
+        with autocast():
+            v, t = model.embed(batch.slice(lo, hi))
+        torch.autograd.backward([v, t], [video.grad[lo:hi], text.grad[lo:hi]])
+    _set_rng_state(after, device)
+    return terms
