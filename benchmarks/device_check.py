@@ -85,12 +85,13 @@ def make_text_model(folder: Path, tokenizer_dir: Path, size: dict) -> Path:
     return folder
 
 
-def build_trainer(work: Path, name: str, precision: str, tokenizer_dir: Path, smoke: bool) -> Trainer:
+def build_trainer(work: Path, name: str, precision: str, tokenizer_dir: Path, smoke: bool,
+                  device: str | None = None, videos: int = 2048) -> Trainer:
     cfg = CONFIGS[name]
     text = dict(cfg["text"], hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64) if smoke else cfg["text"]
     store = work / f"store-{name}"
     if not store.exists():
-        make_store(store, 64 if smoke else 2048, cfg["frames"], cfg["dim"])
+        make_store(store, 64 if smoke else videos, cfg["frames"], cfg["dim"])
     model_dir = work / f"text-{name}"
     if not model_dir.exists():
         make_text_model(model_dir, tokenizer_dir, text)
@@ -98,7 +99,7 @@ def build_trainer(work: Path, name: str, precision: str, tokenizer_dir: Path, sm
     recipe = load_recipe("shapes", [f'data.prepared="{store}"', f'model.text.pretrained="{model_dir}"',
                                     f'train.precision="{precision}"', f"train.batch_size={batch}",
                                     'data.eval_split=""', "train.max_steps=1000000", *cfg["set"],
-                                    'train.device="cpu"' if smoke else 'train.device="cuda"'])
+                                    f'train.device="{device or ("cpu" if smoke else "cuda")}"'])
     run = work / f"run-{name}-{precision}-{time.monotonic_ns()}"
     return Trainer(recipe, run)
 
@@ -120,6 +121,34 @@ def loss_parity(trainer: Trainer) -> dict[str, float]:
                 out[f"{name}/{k}"] = float(v)
     trainer.model.train()
     return out
+
+
+def peak_matmul(device: torch.device, dtype: torch.dtype, n: int = 4096, reps: int = 10) -> float:
+    """Measured FLOP/s of an n x n x n matrix product (the ceiling the training step is compared to)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def step_flops(trainer: Trainer, batch) -> float:
+    """FLOPs of one training step (forward and backward), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with trainer._autocast():
+            terms = trainer.model(batch.to(trainer.device))
+        terms["loss"].backward()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
 
 
 def time_steps(trainer: Trainer, warmup: int, steps: int) -> dict[str, float]:
@@ -145,7 +174,9 @@ def time_steps(trainer: Trainer, warmup: int, steps: int) -> dict[str, float]:
             times.append(time.perf_counter() - start)
         losses.append(terms["loss"] if terms else float("nan"))
     step_s = statistics.median(times)
+    flops = step_flops(trainer, batches[0])
     return {"step_ms": 1000 * step_s, "clips_per_s": trainer.cfg.batch_size / step_s,
+            "gflop_per_step": flops / 1e9, "achieved_tflops": flops / step_s / 1e12,
             "loss_first": losses[0], "loss_last": losses[-1],
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else 0.0}
 
@@ -170,7 +201,11 @@ def main() -> None:
         sys.exit("device_check: CUDA is not available")
     work = Path(tempfile.mkdtemp(prefix="ssb-device-"))
     report: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-    precisions = ["fp32"] if args.smoke else ["fp32", "bf16", "fp16"]
+    precisions = ["fp32"] if args.smoke or not torch.cuda.is_available() else ["fp32", "bf16", "fp16"]
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    report["peak_tflops"] = {p: peak_matmul(device, dtypes[p], 1024 if device.type == "cpu" else 8192) / 1e12
+                             for p in precisions}
     for name in CONFIGS:
         parity = loss_parity(build_trainer(work, name, "fp32", args.tokenizer, args.smoke))
         report[f"{name}/parity"] = parity
@@ -189,19 +224,22 @@ def main() -> None:
 
 
 def print_report(report: dict) -> None:
-    print(f"device: {report['device']}, torch {report['torch']}")
+    print(f"device: {report['device']}, torch {report['torch']}; measured matmul peak TFLOP/s: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in report["peak_tflops"].items()))
     for name in CONFIGS:
         parity = report[f"{name}/parity"]
         ref = parity["fp32/loss"]
         diffs = ", ".join(f"{p} {abs(parity[f'{p}/loss'] - ref) / abs(ref):.2e}" for p in ("bf16", "fp16") if f"{p}/loss" in parity)
         print(f"\n{name}: fp32 loss {ref:.4f}; relative difference of the AMP loss: {diffs or 'n/a'}")
-        print("| precision | step ms | clips/s | speed-up vs fp32 | peak GiB | loss first -> last |")
-        print("|---|---|---|---|---|---|")
+        print("| precision | step ms | clips/s | speed-up vs fp32 | TFLOP/s | of matmul peak | peak GiB | loss first -> last |")
+        print("|---|---|---|---|---|---|---|---|")
         base = report[f"{name}/fp32"]["clips_per_s"]
         for p in ("fp32", "bf16", "fp16"):
             if f"{name}/{p}" in report:
                 t = report[f"{name}/{p}"]
+                peak = report["peak_tflops"].get(p, report["peak_tflops"]["fp32"])
                 print(f"| {p} | {t['step_ms']:.1f} | {t['clips_per_s']:.0f} | {t['clips_per_s'] / base:.2f}x | "
+                      f"{t['achieved_tflops']:.3f} | {t['achieved_tflops'] / peak:.1%} | "
                       f"{t['peak_mem_gib']:.2f} | {t['loss_first']:.3f} -> {t['loss_last']:.3f} |")
     print(f"\nfit + resume: {report['fit_and_resume']}")
 
