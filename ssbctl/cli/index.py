@@ -14,12 +14,17 @@ EPILOG = """Examples:
   ssbctl index runs/shapes                      # the run's prepared data, all splits
 
   ssbctl index runs/shapes --data shapes --split test --out my-index
+
+  ssbctl index runs/shapes --videos ~/Videos --out my-videos   # any mp4/webm/mkv/avi; re-runs embed only new files
 """
 
 
 def index(
     run: Annotated[Path, typer.Argument(help="Run folder written by `ssbctl train`.")],
     data: Annotated[str | None, typer.Option(help="Prepared data to index (default: the run's).")] = None,
+    videos: Annotated[Path | None, typer.Option(help="Index the video files under this folder instead (incremental).")] = None,
+    half: Annotated[bool, typer.Option(help="Store embeddings as float16.")] = False,
+    workers: Annotated[int, typer.Option(help="--videos: decoding processes.")] = 2,
     split: Annotated[list[str] | None, typer.Option(help="Only these splits (repeatable; default: all).")] = None,
     output: Annotated[Path | None, typer.Option("--out", help="Index folder (default: $SSBCTL_HOME/index).")] = None,
     checkpoint: CheckpointOption = None,
@@ -27,17 +32,30 @@ def index(
     as_json: JsonOption = False,
 ) -> None:
     """Build an index folder: normalised video embeddings, ids and source paths."""
+    import torch
+
+    from ssbctl.cli.common import err, progress_bar
     from ssbctl.engine.run import load_run
     from ssbctl.paths import default_index, open_stores
     from ssbctl.retrieval.build import index_store
+    from ssbctl.retrieval.videos import index_videos
 
     loaded = load_run(run, checkpoint, device)
-    store = open_stores(data or loaded.recipe.data.prepared, loaded.recipe.data.experts)
-    built = index_store(loaded, store, split or None)
     target = output or default_index()
-    built.save(target)
-    summary = {"index": str(target), "videos": len(built.videos), "dim": int(built.embeddings.shape[1])}
+    dtype = torch.float16 if half else torch.float32
+    if videos is not None:
+        with progress_bar("index videos") as update:
+            summary = index_videos(loaded, videos, target, dtype, workers, update)
+        for row in summary["failed"]:
+            err.print(f"[yellow]skipped[/] {row['path']}: {row['reason']}")
+    else:
+        store = open_stores(data or loaded.recipe.data.prepared, loaded.recipe.data.experts)
+        built = index_store(loaded, store, split or None)
+        built.save(target, dtype)
+        summary = {"index": str(target), "videos": len(built.videos), "embedded": len(built.videos), "reused": 0,
+                   "failed": []}
     if as_json:
         print_json(summary)
     else:
-        out.print(f"indexed {summary['videos']} videos -> {target}")
+        out.print(f"indexed {summary['videos']} videos -> {target} (embedded {summary['embedded']}, "
+                  f"reused {summary['reused']}, unreadable {len(summary['failed'])})")

@@ -1,49 +1,95 @@
-"""``ssbctl retrieve``: the top-k videos of an index for a text query."""
+"""``ssbctl retrieve``: top-k videos for text or a video, captions for a video, with pictures."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from ssbctl.cli.common import DeviceOption, IndexOption, JsonOption, out, print_json
+from ssbctl.cli.common import DeviceOption, IndexOption, JsonOption, err, out, print_json
 
 EPILOG = """Examples:
 
-  ssbctl retrieve --query "a red circle moves to the left"
+  ssbctl retrieve --query "a red circle moves to the left"          # the demo's index
 
   ssbctl retrieve --query "a man cooks" --index my-index -k 10 --json
+
+  ssbctl retrieve --queries queries.txt --sheet top.png              # one query per line ("-": stdin)
+
+  ssbctl retrieve --video clip.mp4                                    # similar videos
+
+  ssbctl retrieve --video clip.mp4 --caption-bank captions.txt       # best captions for a video
+
+  ssbctl retrieve --query "a big blue box spins" --explain why.png   # support-set attention heatmap
 """
 
 
+def _lines(path: Path) -> list[str]:
+    from ssbctl.errors import UserError
+
+    text = sys.stdin.read() if str(path) == "-" else (path.read_text() if path.is_file() else None)
+    if text is None:
+        raise UserError(f"file not found: {path}")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _table(title: str, hits: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    cols = [c for c in ("rank", "video_id", "caption", "score", "ds_score", "path") if c in hits[0]] if hits else []
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("rank", "score", "ds_score") else "left")
+    for h in hits:
+        table.add_row(*(f"{h[c]:.3f}" if isinstance(h[c], float) else str(h[c]) for c in cols))
+    return table
+
+
 def retrieve(
-    query: Annotated[str, typer.Option("--query", "-q", help="Text to search for.")],
+    query: Annotated[str | None, typer.Option("--query", "-q", help="Text to search for.")] = None,
+    queries: Annotated[Path | None, typer.Option(help="File with one query per line ('-' for stdin).")] = None,
+    video: Annotated[Path | None, typer.Option(help="A video file: find similar videos (or captions, with --caption-bank).")] = None,
+    caption_bank: Annotated[Path | None, typer.Option(help="With --video: rank these captions (one per line).")] = None,
     index_dir: IndexOption = None,
-    k: Annotated[int, typer.Option("-k", help="How many videos.")] = 5,
+    k: Annotated[int, typer.Option("-k", help="How many results.")] = 5,
+    sheet: Annotated[Path | None, typer.Option(help="Write a contact sheet PNG of the top-k thumbnails.")] = None,
+    explain: Annotated[Path | None, typer.Option(help="Write the support-set attention heatmap PNG for the first query.")] = None,
+    dual_softmax: Annotated[Path | None, typer.Option("--dual-softmax", help="Re-rank with dual softmax over this query bank (one per line).")] = None,
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
-    """Search an index by text (the demo's index when none is named)."""
-    from ssbctl.engine.run import load_run
+    """Search an index by text or by video (the demo's index when none is named)."""
     from ssbctl.errors import UserError
-    from ssbctl.evaluation.evaluate import embed_texts
-    from ssbctl.paths import default_index
-    from ssbctl.retrieval.index import Index
+    from ssbctl.retrieval.search import Searcher
 
     if k < 1:
         raise UserError("-k must be at least 1")
-    if not query.strip():
+    texts = [query] if query else (_lines(queries) if queries else [])
+    if any(not t.strip() for t in texts):
         raise UserError("--query is empty")
-    idx = Index.load(index_dir or default_index())
-    loaded = load_run(idx.meta["run"], idx.meta.get("checkpoint"), device)
-    hits = idx.search(embed_texts(loaded.model, loaded.tokenizer, [query], loaded.device), k)[0]
-    if as_json:
-        print_json(hits)
+    if bool(texts) == bool(video):
+        raise UserError("give --query/--queries or --video (one of them)")
+    if caption_bank and not video:
+        raise UserError("--caption-bank goes with --video")
+    searcher = Searcher(index_dir, device)
+    if caption_bank:
+        hits = searcher.captions_for_video(video, _lines(caption_bank), k)
+        print_json(hits) if as_json else out.print(_table(f"captions for {video}", hits))
         return
-    table = Table(title=f"top {len(hits)} for {query!r}")
-    for col in ("rank", "video_id", "score", "path"):
-        table.add_column(col, justify="right" if col in ("rank", "score") else "left")
-    for h in hits:
-        table.add_row(str(h["rank"]), h["video_id"], f"{h['score']:.3f}", h["path"])
-    out.print(table)
+    labels = texts or [str(video)]
+    results = searcher.videos_for_video(video, k) if video else searcher.videos_for_texts(
+        texts, k, _lines(dual_softmax) if dual_softmax else None)
+    if sheet:
+        size = searcher.sheet(labels, results, k, sheet)
+        err.print(f"contact sheet {size[0]}x{size[1]} -> {sheet}")
+    if explain:
+        table = searcher.explain(labels[0], texts[0] if texts else None, video, k, explain)
+        if not as_json:
+            out.print(_table(f"the top result draws on (support-set attention, heatmap -> {explain})", table))
+    if as_json:
+        print_json(results[0] if len(results) == 1 and (query or video) else
+                   [{"query": q, "results": r} for q, r in zip(labels, results)])
+        return
+    for label, hits in zip(labels, results):
+        out.print(_table(f"top {len(hits)} for {label!r}", hits))

@@ -155,6 +155,10 @@ class FeatureStore:
         """Feature size of each expert (one store is one expert)."""
         return (self.feature_dim,)
 
+    def expert_specs(self) -> list[dict[str, Any]]:
+        """Backbone and sampling of each expert: what turns a new video into model input."""
+        return [{"backbone": self.manifest["backbone"], "sampling": self.manifest["sampling"]}]
+
     def load_experts(self, videos: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
         """Features of ``videos`` per expert: ``[expert][video]`` of ``(T, dim)``."""
         return [self.load_features(videos)]
@@ -176,6 +180,9 @@ class ExpertStores(FeatureStore):
     @property
     def feature_dims(self) -> tuple[int, ...]:
         return (self.feature_dim, *(o.feature_dim for o in self.extra))
+
+    def expert_specs(self) -> list[dict[str, Any]]:
+        return [spec for store in (self, *self.extra) for spec in FeatureStore.expert_specs(store)]
 
     def load_experts(self, videos: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
         out = [self.load_features(videos)]

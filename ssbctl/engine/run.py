@@ -8,6 +8,7 @@ the network and without the original pretrained files.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,13 @@ import torch
 from ssbctl.config import Recipe, dump_toml, read_toml, recipe_from_dict, to_dict
 from ssbctl.engine.checkpoint import find_checkpoint, load_weights
 from ssbctl.errors import UserError
-from ssbctl.io import atomic_write_text
+from ssbctl.io import atomic_write_json, atomic_write_text
 from ssbctl.model.ssb import SSBModel
 from ssbctl.model.text_encoder import text_backbone_from_folder
 
 RECIPE_FILE = "recipe.toml"
 TEXT_DIR = "text_encoder"
+EXPERTS_FILE = "experts.json"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -35,9 +37,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def write_run_files(run_dir: Path, recipe: Recipe, tokenizer: Any, text_config: Any) -> None:
-    """Save the resolved recipe and the text model's tokenizer and config into the run folder."""
+def write_run_files(run_dir: Path, recipe: Recipe, tokenizer: Any, text_config: Any,
+                    experts: list[dict[str, Any]]) -> None:
+    """Save the resolved recipe, the text model's tokenizer and config, and each expert's backbone
+    and frame sampling (so the run can embed new videos without its prepared data)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / EXPERTS_FILE, experts)
     tmp = run_dir / f".{TEXT_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save_pretrained(tmp)
@@ -78,6 +83,24 @@ class LoadedRun:
     checkpoint: Path
     device: torch.device
 
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Normalised embeddings ``(N, D)`` of texts."""
+        from ssbctl.evaluation.evaluate import embed_texts
+
+        return embed_texts(self.model, self.tokenizer, list(texts), self.device)
+
+    def encode_video(self, paths: list[str | Path]) -> torch.Tensor:
+        """Normalised embeddings ``(N, D)`` of video files (decoded and featurised as in training)."""
+        from ssbctl.retrieval.videos import VideoEmbedder
+
+        embedder = VideoEmbedder(self, workers=0)
+        feats = []
+        for i, f, reason, _ in embedder.features([Path(p) for p in paths]):
+            if f is None:
+                raise UserError(f"cannot read video {paths[i]}: {reason}")
+            feats.append(f)
+        return embedder.embed(feats)
+
 
 def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str = "auto") -> LoadedRun:
     """Load a run's model from its latest (or a named) checkpoint, in eval mode."""
@@ -90,3 +113,11 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str = "
     load_weights(model, ckpt)
     dev = resolve_device(device)
     return LoadedRun(run_dir, recipe, model.to(dev).eval(), tokenizer, ckpt, dev)
+
+
+def read_expert_specs(run_dir: Path) -> list[dict[str, Any]]:
+    """Backbone and sampling of each expert the run was trained on."""
+    path = Path(run_dir) / EXPERTS_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no {EXPERTS_FILE}; it cannot embed new videos")
+    return json.loads(path.read_text())

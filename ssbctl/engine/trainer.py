@@ -128,7 +128,8 @@ class Trainer:
                 recipe.model, recipe.loss, self.store.feature_dims, self.dataset.captions)
             recipe = dataclasses.replace(recipe, model=model_cfg)
             if self.dist.is_main:
-                write_run_files(self.run_dir, recipe, self.tokenizer, model.text.backbone.config)
+                write_run_files(self.run_dir, recipe, self.tokenizer, model.text.backbone.config,
+                                self.store.expert_specs())
         else:  # the architecture is the run's own, whatever model the given recipe names
             recipe = dataclasses.replace(recipe, model=read_run_recipe(self.run_dir).model)
             model, self.tokenizer = build_run_model(self.run_dir, recipe)

@@ -46,8 +46,11 @@ class Index:
     """Embeddings of a set of videos plus where each came from."""
 
     embeddings: torch.Tensor  # (N, D)
-    videos: list[dict[str, Any]]  # video_id, path, split
+    videos: list[dict[str, Any]]  # video_id, path, split[, size, mtime_ns, thumb]
     meta: dict[str, Any] = field(default_factory=dict)  # run, checkpoint, ...
+    thumbs: dict[str, bytes] = field(default_factory=dict)  # new thumbnails (PNG) by file name
+    thumbs_from: Path | None = None  # folder holding the thumbnails of earlier rows
+    folder: Path | None = None  # where the index was loaded from
 
     def __post_init__(self) -> None:
         if self.embeddings.shape[0] != len(self.videos):
@@ -55,10 +58,14 @@ class Index:
 
     def search(self, queries: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
         """Top-``k`` videos for each normalised query ``(Q, D)``: rank, video_id, score, path."""
-        scores, rows = topk_search(queries.float(), self.embeddings.float(), k)
+        scores, rows = self.top(queries, k)
         return [[{"rank": r + 1, "video_id": self.videos[i]["video_id"], "score": float(s),
                   "path": self.videos[i]["path"]} for r, (s, i) in enumerate(zip(srow.tolist(), irow.tolist()))]
                 for srow, irow in zip(scores, rows)]
+
+    def top(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and rows ``(Q, k)`` of the best ``k`` videos per query."""
+        return topk_search(queries.float(), self.embeddings.float(), k)
 
     def save(self, folder: Path, dtype: torch.dtype = torch.float32) -> None:
         """Write the index folder whole (temp folder, then rename)."""
@@ -67,6 +74,7 @@ class Index:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({"embeddings": self.embeddings.to(dtype).contiguous()}, str(tmp / "embeddings.safetensors"))
+        self._save_thumbs(tmp / "thumbs")
         atomic_write_text(tmp / "videos.jsonl", jsonl_text(self.videos))
         atomic_write_json(tmp / "index.json", {"format_version": FORMAT_VERSION, "count": len(self.videos),
                                                "dim": int(self.embeddings.shape[1]),
@@ -78,6 +86,23 @@ class Index:
         tmp.rename(folder)
         shutil.rmtree(old, ignore_errors=True)
 
+    def _save_thumbs(self, target: Path) -> None:
+        target.mkdir()
+        for row in self.videos:
+            name = row.get("thumb")
+            if not name:
+                continue
+            if name in self.thumbs:
+                (target / name).write_bytes(self.thumbs[name])
+            elif self.thumbs_from is not None and (self.thumbs_from / name).is_file():
+                shutil.copyfile(self.thumbs_from / name, target / name)
+
+    def thumbnail(self, row: int) -> Path | None:
+        """The thumbnail file of a row, when the index has one."""
+        name = self.videos[row].get("thumb")
+        path = self.folder / "thumbs" / name if self.folder is not None and name else None
+        return path if path is not None and path.is_file() else None
+
     @classmethod
     def load(cls, folder: Path) -> "Index":
         """Read an index folder."""
@@ -88,4 +113,4 @@ class Index:
         if meta.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{folder}: index format {meta.get('format_version')} is not {FORMAT_VERSION}")
         embeddings = load_file(str(folder / "embeddings.safetensors"))["embeddings"]
-        return cls(embeddings, list(read_jsonl(folder / "videos.jsonl")), meta)
+        return cls(embeddings, list(read_jsonl(folder / "videos.jsonl")), meta, folder=folder)

@@ -1,0 +1,59 @@
+"""What ``ssbctl retrieve`` does, as a library: load an index and its run, answer queries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssbctl.engine.run import load_run
+from ssbctl.evaluation.evaluate import embed_texts
+from ssbctl.paths import default_index
+from ssbctl.retrieval.explain import dual_softmax, support_attention
+from ssbctl.retrieval.index import Index
+from ssbctl.retrieval.render import contact_sheet, heatmap
+from ssbctl.retrieval.videos import embed_video_file
+
+
+class Searcher:
+    """An index and the run that made it."""
+
+    def __init__(self, index_dir: Path | None = None, device: str = "auto") -> None:
+        self.index = Index.load(index_dir or default_index())
+        self.run = load_run(self.index.meta["run"], self.index.meta.get("checkpoint"), device)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return embed_texts(self.run.model, self.run.tokenizer, texts, self.run.device)
+
+    def videos_for_texts(self, texts: list[str], k: int, bank: list[str] | None = None) -> list[list[dict[str, Any]]]:
+        """Top-k videos per text (re-ranked by dual softmax over ``bank`` when given)."""
+        queries = self.encode_texts(texts)
+        if bank:
+            return dual_softmax(self.index, queries, self.encode_texts(bank), k)
+        return self.index.search(queries, k)
+
+    def videos_for_video(self, path: Path, k: int) -> list[list[dict[str, Any]]]:
+        """Top-k indexed videos most like a video file."""
+        return self.index.search(embed_video_file(self.run, path), k)
+
+    def captions_for_video(self, path: Path, captions: list[str], k: int) -> list[dict[str, Any]]:
+        """The ``k`` captions of a bank that best describe a video file."""
+        video = embed_video_file(self.run, path)
+        scores = (self.encode_texts(captions) @ video.t()).flatten()
+        top = torch.argsort(scores, descending=True)[:k].tolist()
+        return [{"rank": r + 1, "caption": captions[i], "score": float(scores[i])} for r, i in enumerate(top)]
+
+    def sheet(self, labels: list[str], results: list[list[dict[str, Any]]], k: int, out: Path) -> tuple[int, int]:
+        """Contact sheet of every query's top-k thumbnails."""
+        row_of = {v["video_id"]: i for i, v in enumerate(self.index.videos)}
+        rows = [(label, hits, [self.index.thumbnail(row_of[h["video_id"]]) for h in hits])
+                for label, hits in zip(labels, results)]
+        return contact_sheet(rows, k, out)
+
+    def explain(self, label: str, text: str | None, video: Path | None, k: int, out: Path) -> list[dict[str, Any]]:
+        """Heatmap of the support-set attention among the query's top results; the top result's row."""
+        query = self.encode_texts([text]) if text else embed_video_file(self.run, video)  # type: ignore[arg-type]
+        result = support_attention(self.run, self.index, query, max(k, 2))
+        heatmap(result["weights"], result["videos"], f"support-set attention ({result['mask']}) for {label!r}", out)
+        return [{"rank": i + 1, "video_id": d["video_id"], "score": d["weight"]} for i, d in enumerate(result["draws_on"])]
