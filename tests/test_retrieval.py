@@ -39,3 +39,24 @@ def test_index_round_trip_and_search(tmp_path: Path) -> None:
     assert hits[1]["rank"] == 2 and hits[1]["score"] == 0.0
     with pytest.raises(UserError, match="no index"):
         Index.load(tmp_path / "nothing")
+
+
+def test_faiss_ivf_backend_states_its_recall(tmp_path: Path) -> None:
+    from ssbctl.retrieval.ann import ann_search, build_ann
+
+    torch.manual_seed(0)
+    centres = F.normalize(torch.randn(20, 32), dim=-1)
+    emb = F.normalize(centres[torch.randint(0, 20, (3000,))] + 0.3 * torch.randn(3000, 32), dim=-1)
+    videos = [{"video_id": f"v{i}", "path": "", "split": ""} for i in range(3000)]
+    Index(emb, videos).save(tmp_path / "idx")
+    info = build_ann(emb, tmp_path / "idx", nprobe=8)
+    assert info["factory"].startswith("IVF") and 0.5 <= info["recall@10"] <= 1.0
+    queries = emb[:50]
+    scores, rows = ann_search(tmp_path / "idx", queries, 10)
+    assert rows.shape == (50, 10) and torch.all(rows[:, 0] == torch.arange(50))  # each finds itself
+    exact = Index.load(tmp_path / "idx")
+    approx = Index.load(tmp_path / "idx")
+    approx.backend = "faiss"
+    agree = [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in
+             zip(approx.top(queries, 10)[1], exact.top(queries, 10)[1])]
+    assert sum(agree) / len(agree) >= 0.5

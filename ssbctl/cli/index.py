@@ -25,6 +25,7 @@ def index(
     videos: Annotated[Path | None, typer.Option(help="Index the video files under this folder instead (incremental).")] = None,
     half: Annotated[bool, typer.Option(help="Store embeddings as float16.")] = False,
     workers: Annotated[int, typer.Option(help="--videos: decoding processes.")] = 2,
+    faiss: Annotated[str | None, typer.Option(help="Also build an approximate faiss index: 'ivf' or a faiss factory string (IVF4096,PQ32).")] = None,
     split: Annotated[list[str] | None, typer.Option(help="Only these splits (repeatable; default: all).")] = None,
     output: Annotated[Path | None, typer.Option("--out", help="Index folder (default: $SSBCTL_HOME/index).")] = None,
     checkpoint: CheckpointOption = None,
@@ -54,6 +55,14 @@ def index(
         built.save(target, dtype)
         summary = {"index": str(target), "videos": len(built.videos), "embedded": len(built.videos), "reused": 0,
                    "failed": []}
+    if faiss:
+        from ssbctl.io import atomic_write_json
+        from ssbctl.retrieval.ann import build_ann
+        from ssbctl.retrieval.index import Index
+
+        built_index = Index.load(target)
+        summary["faiss"] = build_ann(built_index.embeddings, target, "" if faiss == "ivf" else faiss)
+        atomic_write_json(target / "index.json", {**built_index.meta, "faiss": summary["faiss"]})
     if as_json:
         print_json(summary)
     else:

@@ -56,6 +56,7 @@ def retrieve(
     sheet: Annotated[Path | None, typer.Option(help="Write a contact sheet PNG of the top-k thumbnails.")] = None,
     explain: Annotated[Path | None, typer.Option(help="Write the support-set attention heatmap PNG for the first query.")] = None,
     dual_softmax: Annotated[Path | None, typer.Option("--dual-softmax", help="Re-rank with dual softmax over this query bank (one per line).")] = None,
+    backend: Annotated[str, typer.Option(help="exact (chunked scan) or faiss (approximate; see index --faiss).")] = "exact",
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
@@ -72,7 +73,10 @@ def retrieve(
         raise UserError("give --query/--queries or --video (one of them)")
     if caption_bank and not video:
         raise UserError("--caption-bank goes with --video")
+    if backend not in ("exact", "faiss"):
+        raise UserError(f"--backend must be exact or faiss, got {backend!r}")
     searcher = Searcher(index_dir, device)
+    searcher.index.backend = backend
     if caption_bank:
         hits = searcher.captions_for_video(video, _lines(caption_bank), k)
         print_json(hits) if as_json else out.print(_table(f"captions for {video}", hits))

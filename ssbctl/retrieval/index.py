@@ -21,24 +21,35 @@ from ssbctl.io import atomic_write_json, atomic_write_text, jsonl_text, read_jso
 FORMAT_VERSION = 1
 
 
-def topk_search(queries: torch.Tensor, gallery: torch.Tensor, k: int,
-                chunk: int = 262_144) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_search(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 8192,
+                query_block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` inner products of ``queries (Q, D)`` over ``gallery (N, D)``.
 
-    The gallery is scanned in chunks and a running top-k is merged, so memory is bounded by
-    ``Q x (chunk + k)`` scores whatever N is. Returns scores and gallery rows, best first.
+    Blocks of queries meet chunks of the gallery in one reused score buffer; each chunk keeps
+    its own top-k and the candidates are merged once at the end, so memory is bounded by
+    ``query_block x chunk`` scores plus ``Q x k x N/chunk`` candidates, whatever N is.
+    Returns scores and gallery rows, best first.
     """
     k = min(k, gallery.shape[0])
-    best_scores = queries.new_full((queries.shape[0], 0), float("-inf"))
-    best_rows = torch.zeros(queries.shape[0], 0, dtype=torch.long)
-    for start in range(0, gallery.shape[0], chunk):
-        scores = queries @ gallery[start:start + chunk].to(queries.dtype).t()  # (Q, c)
-        top = scores.topk(min(k, scores.shape[1]), dim=1)
-        merged = torch.cat([best_scores, top.values], dim=1)
-        rows = torch.cat([best_rows, top.indices + start], dim=1)
-        keep = merged.topk(min(k, merged.shape[1]), dim=1)
-        best_scores, best_rows = keep.values, rows.gather(1, keep.indices)
-    return best_scores, best_rows
+    buffer = queries.new_empty(min(query_block, queries.shape[0]), min(chunk, gallery.shape[0]))
+    scores_out, rows_out = [], []
+    for qs in range(0, queries.shape[0], query_block):
+        block = queries[qs:qs + query_block]
+        cand_s, cand_r = [], []
+        for start in range(0, gallery.shape[0], chunk):
+            part = gallery[start:start + chunk].to(queries.dtype)
+            scores = buffer[: block.shape[0], : part.shape[0]]
+            torch.mm(block, part.t(), out=scores)  # (q, c)
+            top = scores.topk(min(k, part.shape[0]), dim=1, sorted=False)
+            cand_s.append(top.values)
+            cand_r.append(top.indices + start)
+        merged, rows = torch.cat(cand_s, dim=1), torch.cat(cand_r, dim=1)
+        best = merged.topk(k, dim=1)  # sorted, best first
+        scores_out.append(best.values)
+        rows_out.append(rows.gather(1, best.indices))
+    if not scores_out:
+        return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+    return torch.cat(scores_out), torch.cat(rows_out)
 
 
 @dataclass
@@ -51,6 +62,7 @@ class Index:
     thumbs: dict[str, bytes] = field(default_factory=dict)  # new thumbnails (PNG) by file name
     thumbs_from: Path | None = None  # folder holding the thumbnails of earlier rows
     folder: Path | None = None  # where the index was loaded from
+    backend: str = "exact"  # exact (chunked scan) or faiss (the folder's approximate index)
 
     def __post_init__(self) -> None:
         if self.embeddings.shape[0] != len(self.videos):
@@ -65,6 +77,10 @@ class Index:
 
     def top(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores and rows ``(Q, k)`` of the best ``k`` videos per query."""
+        if self.backend == "faiss" and self.folder is not None:
+            from ssbctl.retrieval.ann import ann_search
+
+            return ann_search(self.folder, queries, min(k, len(self.videos)))
         return topk_search(queries.float(), self.embeddings.float(), k)
 
     def save(self, folder: Path, dtype: torch.dtype = torch.float32) -> None:
