@@ -71,7 +71,7 @@ class _SigtermAt(SilentReporter):
     def __init__(self, step: int) -> None:
         self.at = step
 
-    def step(self, step: int, terms: dict[str, float], clips_per_s: float) -> None:
+    def step(self, step: int, terms: dict[str, float] | None, clips_per_s: float) -> None:
         if step == self.at:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -154,3 +154,26 @@ def test_two_experts_train_and_evaluate(shapes_raw: Path, tiny_vit: Path, tiny_r
     assert run.recipe.model.video.input_dims == (192, 16) and len(run.model.video.inputs) == 2
     assert main(["evaluate", str(tmp_path / "run"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_videos"] == 6
+
+
+def test_nonfinite_batches_are_skipped_counted_and_abort_when_persistent(shapes_store: Path, tiny_recipe_args,
+                                                                         tmp_path: Path) -> None:
+    """A store with a NaN feature (as a corrupt extractor could write) never poisons the weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from ssbctl.errors import TrainingError
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(shapes_store, poisoned)
+    for shard in poisoned.glob("features-*.safetensors"):
+        tensors = load_file(str(shard))
+        tensors = {k: torch.full_like(v, float("nan")) for k, v in tensors.items()}
+        save_file(tensors, str(shard))
+    args = [a for a in tiny_recipe_args("nan", **{"train.max_steps": 4, "train.max_nonfinite": 3})
+            if not a.startswith("data.prepared")]
+    recipe = load_recipe("shapes", [*args, f'data.prepared="{poisoned}"'])
+    with pytest.raises(TrainingError, match="non-finite 3 times in a row"):
+        train(recipe, tmp_path / "nan")
+    assert latest_checkpoint(tmp_path / "nan") is None

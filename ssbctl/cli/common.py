@@ -57,7 +57,10 @@ class RichReporter:
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, completed=done, info="")
 
-    def step(self, step: int, terms: dict[str, float], clips_per_s: float) -> None:
+    def step(self, step: int, terms: dict[str, float] | None, clips_per_s: float) -> None:
+        if terms is None:  # no new numbers this step (they are read back every log_every steps)
+            self.bar.update(self.task, completed=step)
+            return
         info = " ".join(f"{k.removesuffix('_loss')[:7]} {v:.3f}" for k, v in terms.items())
         self.bar.update(self.task, completed=step, info=f"{info} | {clips_per_s:.0f} clips/s")
 

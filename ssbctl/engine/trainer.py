@@ -39,7 +39,7 @@ class Reporter(Protocol):
     """Where the trainer reports progress (the CLI draws a rich progress bar)."""
 
     def start(self, total: int, done: int) -> None: ...
-    def step(self, step: int, terms: dict[str, float], clips_per_s: float) -> None: ...
+    def step(self, step: int, terms: dict[str, float] | None, clips_per_s: float) -> None: ...
     def note(self, text: str) -> None: ...
     def stop(self) -> None: ...
 
@@ -48,7 +48,7 @@ class SilentReporter:
     """Reports nothing (library use and tests)."""
 
     def start(self, total: int, done: int) -> None: ...
-    def step(self, step: int, terms: dict[str, float], clips_per_s: float) -> None: ...
+    def step(self, step: int, terms: dict[str, float] | None, clips_per_s: float) -> None: ...
     def note(self, text: str) -> None: ...
     def stop(self) -> None: ...
 
@@ -231,7 +231,7 @@ class Trainer:
                 "stopped_by": signal.Signals(self.stop_signal).name if self.stop_signal else None}
 
     def _run_epoch(self, loader: DataLoader) -> None:
-        window: dict[str, float] = {}
+        window: dict[str, torch.Tensor] = {}  # loss terms summed on the device: read back only when logged
         count, clips, tick = 0, 0, time.perf_counter()
         consecutive_bad = 0
         for batch in loader:
@@ -245,23 +245,27 @@ class Trainer:
                 continue
             consecutive_bad = 0
             for k, v in terms.items():
-                window[k] = window.get(k, 0.0) + v
+                window[k] = window[k] + v if k in window else v
             count, clips = count + 1, clips + batch.input_ids.shape[0]
+            logged = self.state.step % self.cfg.log_every == 0
             rate = clips / max(time.perf_counter() - tick, 1e-9)
-            self.reporter.step(self.state.step, terms, rate)
-            if self.state.step % self.cfg.log_every == 0:
-                self._log({k: v / count for k, v in window.items()}, rate)
+            means = {k: float(v) / count for k, v in window.items()} if logged else None
+            self.reporter.step(self.state.step, means, rate)
+            if logged:
+                self._log(means, rate)
                 window, count, clips, tick = {}, 0, 0, time.perf_counter()
             if self.cfg.ckpt_every and self.state.step % self.cfg.ckpt_every == 0:
                 self.save()
-            if any_rank(self.stop_signal is not None, self.device):
+            if (logged or self.stop_signal is not None) and any_rank(self.stop_signal is not None, self.device):
                 self.stop_signal = self.stop_signal or signal.SIGTERM  # all ranks stop at the same step
                 return
             if self.state.step >= self.total_steps:
                 return
 
-    def _train_step(self, batch: Batch) -> dict[str, float] | None:
-        """One optimizer step; None (and nothing updated) when the loss is not finite."""
+    def _train_step(self, batch: Batch) -> dict[str, torch.Tensor] | None:
+        """One optimizer step; None (and nothing updated) when the loss is not finite.
+
+        The finiteness check is the step's one host-device synchronisation."""
         batch = batch.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         terms = self._backward(batch)
@@ -277,7 +281,7 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.state.step += 1
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return {k: v.detach() for k, v in terms.items()}
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
