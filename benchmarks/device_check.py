@@ -172,7 +172,7 @@ def time_steps(trainer: Trainer, warmup: int, steps: int) -> dict[str, float]:
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-        losses.append(terms["loss"] if terms else float("nan"))
+        losses.append(float(terms["loss"]) if terms else float("nan"))
     step_s = statistics.median(times)
     flops = step_flops(trainer, batches[0])
     return {"step_ms": 1000 * step_s, "clips_per_s": trainer.cfg.batch_size / step_s,
@@ -241,7 +241,8 @@ def print_report(report: dict) -> None:
                 print(f"| {p} | {t['step_ms']:.1f} | {t['clips_per_s']:.0f} | {t['clips_per_s'] / base:.2f}x | "
                       f"{t['achieved_tflops']:.3f} | {t['achieved_tflops'] / peak:.1%} | "
                       f"{t['peak_mem_gib']:.2f} | {t['loss_first']:.3f} -> {t['loss_last']:.3f} |")
-    print(f"\nfit + resume: {report['fit_and_resume']}")
+    if "fit_and_resume" in report:
+        print(f"\nfit + resume: {report['fit_and_resume']}")
 
 
 if __name__ == "__main__":

@@ -59,9 +59,10 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             raise
 
 
-def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    """Append one row and flush it to disk (logs that must survive a kill)."""
+def append_jsonl(path: Path, row: dict[str, Any] | list[dict[str, Any]]) -> None:
+    """Append one row (or several, with one sync) and flush to disk (logs that must survive a kill)."""
+    rows = row if isinstance(row, list) else [row]
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.write(jsonl_text(rows))
         fh.flush()
         os.fsync(fh.fileno())

@@ -38,9 +38,9 @@ def _lines(path: Path) -> list[str]:
 
 def _table(title: str, hits: list[dict[str, Any]]) -> Table:
     table = Table(title=title)
-    cols = [c for c in ("rank", "video_id", "caption", "score", "ds_score", "path") if c in hits[0]] if hits else []
+    cols = [c for c in ("rank", "video_id", "caption", "score", "ds_score", "weight", "path") if c in hits[0]] if hits else []
     for col in cols:
-        table.add_column(col, justify="right" if col in ("rank", "score", "ds_score") else "left")
+        table.add_column(col, justify="right" if col in ("rank", "score", "ds_score", "weight") else "left")
     for h in hits:
         table.add_row(*(f"{h[c]:.3f}" if isinstance(h[c], float) else str(h[c]) for c in cols))
     return table

@@ -114,13 +114,13 @@ class ShardWork:
             path = self.folder / f"features-b{b}-c{chunk:05d}.safetensors"
             save_file({vid: f[b].contiguous() for vid, f in self.pending}, str(path) + ".tmp")
             os.replace(str(path) + ".tmp", path)
-        for vid, _ in self.pending:
-            self._record({"video_id": vid, "status": "ok", "chunk": chunk})
+        self._record([{"video_id": vid, "status": "ok", "chunk": chunk} for vid, _ in self.pending])
         self.pending, self.next_chunk = [], chunk + 1
 
-    def _record(self, row: dict[str, Any]) -> None:
-        append_jsonl(self.log, row)
-        self.done[row["video_id"]] = row
+    def _record(self, rows: dict[str, Any] | list[dict[str, Any]]) -> None:
+        rows = rows if isinstance(rows, list) else [rows]
+        append_jsonl(self.log, rows)
+        self.done.update((r["video_id"], r) for r in rows)
 
     def finish(self) -> None:
         self.flush()

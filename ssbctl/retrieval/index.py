@@ -21,13 +21,14 @@ from ssbctl.io import atomic_write_json, atomic_write_text, jsonl_text, read_jso
 FORMAT_VERSION = 1
 
 
-def topk_search(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 8192,
+def topk_search(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 4096,
                 query_block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` inner products of ``queries (Q, D)`` over ``gallery (N, D)``.
 
-    Blocks of queries meet chunks of the gallery in one reused score buffer; each chunk keeps
-    its own top-k and the candidates are merged once at the end, so memory is bounded by
-    ``query_block x chunk`` scores plus ``Q x k x N/chunk`` candidates, whatever N is.
+    Blocks of queries meet chunks of the gallery in one reused score buffer. Each query keeps
+    its running top-k and the score it takes to enter it; a chunk is sorted only for the queries
+    that have a score above that bar (after the first chunks, few do), so the scan costs little
+    more than the matrix products. Memory: ``query_block x chunk`` scores, whatever N is.
     Returns scores and gallery rows, best first.
     """
     k = min(k, gallery.shape[0])
@@ -35,18 +36,22 @@ def topk_search(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int
     scores_out, rows_out = [], []
     for qs in range(0, queries.shape[0], query_block):
         block = queries[qs:qs + query_block]
-        cand_s, cand_r = [], []
+        best = block.new_full((block.shape[0], k), float("-inf"))
+        rows = torch.zeros(block.shape[0], k, dtype=torch.long)
         for start in range(0, gallery.shape[0], chunk):
             part = gallery[start:start + chunk].to(queries.dtype)
             scores = buffer[: block.shape[0], : part.shape[0]]
             torch.mm(block, part.t(), out=scores)  # (q, c)
-            top = scores.topk(min(k, part.shape[0]), dim=1, sorted=False)
-            cand_s.append(top.values)
-            cand_r.append(top.indices + start)
-        merged, rows = torch.cat(cand_s, dim=1), torch.cat(cand_r, dim=1)
-        best = merged.topk(k, dim=1)  # sorted, best first
-        scores_out.append(best.values)
-        rows_out.append(rows.gather(1, best.indices))
+            hit = torch.nonzero(scores.amax(dim=1) > best[:, -1]).flatten()  # queries whose top-k changes
+            if hit.numel() == 0:
+                continue
+            top = scores[hit].topk(min(k, part.shape[0]), dim=1, sorted=False)
+            merged = torch.cat([best[hit], top.values], dim=1)
+            merged_rows = torch.cat([rows[hit], top.indices + start], dim=1)
+            keep = merged.topk(k, dim=1)  # sorted: column -1 is the bar to beat
+            best[hit], rows[hit] = keep.values, merged_rows.gather(1, keep.indices)
+        scores_out.append(best)
+        rows_out.append(rows)
     if not scores_out:
         return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long)
     return torch.cat(scores_out), torch.cat(rows_out)
