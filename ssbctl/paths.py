@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ssbctl.errors import UserError
+
+if TYPE_CHECKING:
+    from ssbctl.data.store import ExpertStores
 
 CONFIG_KINDS = ("recipes", "models")
 

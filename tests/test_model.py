@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssbctl.config import LossConfig, SupportSetConfig, load_recipe
+from ssbctl.config import SupportSetConfig, load_recipe
 from ssbctl.data.loader import Collate, PairDataset
 from ssbctl.data.store import FeatureStore
-from ssbctl.model.ssb import SSBModel, build_model
+from ssbctl.model.ssb import build_model
 from ssbctl.model.support_set import SupportSetBottleneck, support_mask
 
 
