@@ -49,7 +49,8 @@ def test_two_shards_merged_equal_one_unsharded_run(shapes_raw: Path, reference: 
 def test_killed_prepare_resumes_to_the_same_store(shapes_raw: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "store"
     cmd = [sys.executable, "-m", "ssbctl", "prepare", "custom", "--annotations", str(shapes_raw / "captions.jsonl"),
-           "--out", str(out), "--pixel-size", "8", "--frames", "4", "--sampling", "uniform", "--workers", "1"]
+           "--out", str(out), "--pixel-size", "8", "--frames", "4", "--sampling", "uniform", "--workers", "1",
+           "--chunk-size", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = work_root(out) / "shard-0-of-1" / "progress.jsonl"
     deadline = time.time() + 120

@@ -54,6 +54,7 @@ def prepare(
     shard: Annotated[str | None, typer.Option(help="K/N: prepare every N-th video from the K-th (default: torchrun's RANK/WORLD_SIZE).")] = None,
     workers: Annotated[int, typer.Option(help="Decoding processes (0: in-process, no crash isolation).")] = 2,
     max_failures: Annotated[int, typer.Option(help="Fail once more videos than this are unusable (-1: never).")] = -1,
+    chunk_size: Annotated[int, typer.Option(help="Videos per saved work chunk: what a killed prepare may redo.")] = 64,
     device: Annotated[str, typer.Option(help="Where learned backbones run: auto, cpu or cuda.")] = "auto",
     num_videos: Annotated[int, typer.Option(help="shapes: clips to generate.")] = 600,
     seed: Annotated[int, typer.Option(help="shapes: generation seed.")] = 0,
@@ -93,7 +94,8 @@ def prepare(
         outs = [output] if len(models) == 1 else [Path(f"{output}-{t}") for t in tags]
     k, n = _shard(shard)
     opts = PrepareOptions(sampling=Sampling(mode, frames or protocol.max_frames, fps), shard=k, num_shards=n,
-                          workers=workers, max_failures=max_failures, features=features is not None)
+                          workers=workers, max_failures=max_failures, chunk_size=max(1, chunk_size),
+                          features=features is not None)
     with progress_bar(f"prepare {dataset} [{k}/{n}]") as update:
         summary = run_prepare(dataset, items, models, outs, opts, update)
     if as_json:
