@@ -1,10 +1,14 @@
 """Decoding in worker processes: a decoder that crashes or hangs on a bad file costs that one
 video (recorded as a failure), never the whole prepare. Workers also decode in parallel with
-the backbone running in the main process."""
+the backbone running in the main process. They are fresh interpreters running
+``ssbctl.data.decode_worker`` (no fork of a process holding torch's threads, and no re-import
+of the parent's main module)."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict
 from multiprocessing.connection import Connection, wait
@@ -49,51 +53,51 @@ def decode_job(path: Path, sampling: dict[str, Any], features: bool) -> np.ndarr
 Work = Callable[[Path, dict[str, Any], bool], np.ndarray]
 
 
-def _worker(conn: Connection, work: Work, sampling: dict[str, Any], features: bool) -> None:
-    while True:
-        job = conn.recv()
-        if job is None:
-            return
-        key, path = job
-        try:
-            conn.send((key, work(path, sampling, features), None))
-        except DecodeError as exc:
-            conn.send((key, None, str(exc)))
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is this video's failure
-            conn.send((key, None, f"decode error: {type(exc).__name__}: {str(exc)[:200]}"))
-
-
 class _Slot:
-    """One worker process and the job it is working on."""
+    """One worker process (``python -m ssbctl.data.decode_worker``) and the job it is working on."""
 
-    def __init__(self, ctx: Any, work: Work, sampling: dict[str, Any], features: bool) -> None:
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, work, sampling, features), daemon=True)
-        self.proc.start()
-        child.close()
+    def __init__(self, work: Work, sampling: dict[str, Any], features: bool) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "ssbctl.data.decode_worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.send_conn = Connection(os.dup(self.proc.stdin.fileno()), readable=False)
+        self.conn = Connection(os.dup(self.proc.stdout.fileno()), writable=False)
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+        self.send_conn.send((f"{work.__module__}:{work.__qualname__}", sampling, features))
         self.job: Job | None = None
         self.started = 0.0
 
     def give(self, job: Job) -> None:
         self.job, self.started = job, time.monotonic()
-        self.conn.send(job)
+        self.send_conn.send(job)
+
+    def exit_code(self) -> int | None:
+        try:
+            return self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
 
     def kill(self) -> None:
         self.proc.kill()
-        self.proc.join()
-        self.conn.close()
+        self.proc.wait()
+        for conn in (self.conn, self.send_conn):
+            try:
+                conn.close()
+            except OSError:
+                pass
 
 
 class DecodePool:
     """Decodes (or loads pre-extracted features) with ``workers`` processes; 0 means in-process.
 
-    ``work`` must be a module-level function (the spawned workers import it by name)."""
+    ``work`` must be a module-level function (the workers import it by name)."""
 
     def __init__(self, sampling: Sampling, workers: int = 2, timeout: float = 300.0, features: bool = False,
                  work: Work = decode_job) -> None:
         self.sampling, self.workers, self.timeout, self.features = asdict(sampling), workers, timeout, features
         self.work = work
-        self.ctx = mp.get_context("spawn")  # no fork of a process that holds torch's threads
 
     def map(self, jobs: Iterable[Job]) -> Iterator[Result]:
         """Results in completion order."""
@@ -105,7 +109,7 @@ class DecodePool:
                     yield key, None, str(exc)
             return
         queue = list(jobs)[::-1]
-        slots = [_Slot(self.ctx, self.work, self.sampling, self.features) for _ in range(min(self.workers, len(queue)))]
+        slots = [_Slot(self.work, self.sampling, self.features) for _ in range(min(self.workers, len(queue)))]
         try:
             for slot in slots:
                 if queue:
@@ -125,8 +129,7 @@ class DecodePool:
         try:
             result = slot.conn.recv()
         except (EOFError, ConnectionError, OSError):
-            slot.proc.join(timeout=5)
-            result = (key, None, f"decoder crashed (exit code {slot.proc.exitcode})")
+            result = (key, None, f"decoder crashed (exit code {slot.exit_code()})")
             self._replace(slot, slots)
             slot = slots[-1]
         slot.job = None
@@ -147,4 +150,4 @@ class DecodePool:
     def _replace(self, slot: _Slot, slots: list[_Slot]) -> None:
         slot.kill()
         slots.remove(slot)
-        slots.append(_Slot(self.ctx, self.work, self.sampling, self.features))
+        slots.append(_Slot(self.work, self.sampling, self.features))
