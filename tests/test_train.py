@@ -177,3 +177,20 @@ def test_nonfinite_batches_are_skipped_counted_and_abort_when_persistent(shapes_
     with pytest.raises(TrainingError, match="non-finite 3 times in a row"):
         train(recipe, tmp_path / "nan")
     assert latest_checkpoint(tmp_path / "nan") is None
+
+
+def test_sigterm_to_the_cli_checkpoints_and_exits_0(tiny_recipe_args, tmp_path: Path) -> None:
+    recipe_file = _write_recipe(tmp_path / "tiny.toml", tiny_recipe_args("term", **{"train.epochs": 200,
+                                                                                      "data.eval_split": ""}))
+    proc = subprocess.Popen([sys.executable, "-m", "ssbctl", "train", "--recipe", str(recipe_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in out
+    ckpt = latest_checkpoint(tmp_path / "term")
+    assert ckpt is not None and 0 < json.loads((ckpt / "state.json").read_text())["step"] < 800
