@@ -57,10 +57,8 @@ def run_demo(out: Path, index_dir: Path, spec: ShapesSpec, overrides: list[str],
     loaded = load_run(run_dir, device=recipe.train.device)
     store = FeatureStore(out / "data")
     metrics = evaluate_split(loaded.model, loaded.tokenizer, store, "test", loaded.device)
-    index_store(loaded, store).save(index_dir)
-    from ssbctl.retrieval.index import Index
-
-    index = Index.load(index_dir)
+    index = index_store(loaded, store)
+    index.save(index_dir)
     queries = embed_texts(loaded.model, loaded.tokenizer, list(EXAMPLE_QUERIES), loaded.device)
     hits = dict(zip(EXAMPLE_QUERIES, index.search(queries, k=3)))
     return DemoResult(run_dir, index_dir, metrics, hits)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -66,3 +67,22 @@ def append_jsonl(path: Path, row: dict[str, Any] | list[dict[str, Any]]) -> None
         fh.write(jsonl_text(rows))
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty folder at ``path`` (whatever an earlier, interrupted write left there is removed)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a completely written folder into place; a previous ``final`` is removed only after.
+
+    Readers see the old folder or the new one, never a half-written one."""
+    old = final.parent / f".{final.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -14,7 +14,6 @@ so a prepare that dies leaves either the previous store or none, never a half-wr
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +26,7 @@ from safetensors.torch import save_file
 from ssbctl.data.backbones import Backbone
 from ssbctl.data.video import Sampling
 from ssbctl.errors import UserError
-from ssbctl.io import atomic_write_json, atomic_write_text, jsonl_text, read_jsonl
+from ssbctl.io import atomic_write_json, atomic_write_text, fresh_dir, jsonl_text, read_jsonl, replace_dir
 
 FORMAT_VERSION = 1
 
@@ -38,9 +37,7 @@ class StoreWriter:
     def __init__(self, root: Path, dataset: str, backbone: Backbone, sampling: Sampling,
                  shard_size: int = 512, protocol: dict[str, Any] | None = None) -> None:
         self.root = Path(root)
-        self.tmp = self.root.parent / f".{self.root.name}.writing"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        self.tmp = fresh_dir(self.root.parent / f".{self.root.name}.writing")
         self.dataset, self.backbone, self.sampling, self.shard_size = dataset, backbone, sampling, shard_size
         self.protocol = protocol or {}
         self.videos: list[dict[str, Any]] = []
@@ -90,12 +87,7 @@ class StoreWriter:
         atomic_write_text(self.tmp / "captions.jsonl", jsonl_text(self.captions))
         atomic_write_text(self.tmp / "failures.jsonl", jsonl_text(self.failures))
         atomic_write_json(self.tmp / "manifest.json", manifest)
-        old = self.root.parent / f".{self.root.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if self.root.exists():
-            self.root.rename(old)
-        self.tmp.rename(self.root)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(self.tmp, self.root)
         return manifest
 
 

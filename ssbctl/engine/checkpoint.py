@@ -18,7 +18,7 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
 from ssbctl.errors import UserError
-from ssbctl.io import atomic_write_json, atomic_write_text
+from ssbctl.io import atomic_write_json, atomic_write_text, fresh_dir, replace_dir
 
 CHECKPOINTS = "checkpoints"
 
@@ -39,19 +39,15 @@ def save_checkpoint(run_dir: Path, model: nn.Module, trainer: dict[str, Any], st
     """Write a checkpoint for ``state["step"]``, point ``latest`` at it, prune old ones."""
     root = Path(run_dir) / CHECKPOINTS
     name = f"step-{state['step']:08d}"
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(root / f".{name}.tmp")
     save_model(unwrap_model(model), str(tmp / "model.safetensors"))
     torch.save(trainer, tmp / "trainer.pt")
     atomic_write_json(tmp / "state.json", state)
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    replace_dir(tmp, root / name)
     atomic_write_text(root / "latest", name + "\n")
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    return root / name
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -9,7 +9,6 @@ the network and without the original pretrained files.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 from ssbctl.config import Recipe, dump_toml, read_toml, recipe_from_dict, to_dict
 from ssbctl.engine.checkpoint import find_checkpoint, load_weights
 from ssbctl.errors import UserError
-from ssbctl.io import atomic_write_json, atomic_write_text
+from ssbctl.io import atomic_write_json, atomic_write_text, fresh_dir, replace_dir
 from ssbctl.model.ssb import SSBModel
 from ssbctl.model.text_encoder import text_backbone_from_folder
 
@@ -43,12 +42,10 @@ def write_run_files(run_dir: Path, recipe: Recipe, tokenizer: Any, text_config: 
     and frame sampling (so the run can embed new videos without its prepared data)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / EXPERTS_FILE, experts)
-    tmp = run_dir / f".{TEXT_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_dir(run_dir / f".{TEXT_DIR}.tmp")
     tokenizer.save_pretrained(tmp)
     text_config.save_pretrained(tmp)
-    shutil.rmtree(run_dir / TEXT_DIR, ignore_errors=True)
-    tmp.rename(run_dir / TEXT_DIR)
+    replace_dir(tmp, run_dir / TEXT_DIR)
     write_recipe(run_dir, recipe)
 
 

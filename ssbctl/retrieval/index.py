@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ssbctl.errors import UserError
-from ssbctl.io import atomic_write_json, atomic_write_text, jsonl_text, read_jsonl
+from ssbctl.io import atomic_write_json, atomic_write_text, fresh_dir, jsonl_text, read_jsonl, replace_dir
 
 FORMAT_VERSION = 1
 
@@ -91,21 +91,14 @@ class Index:
     def save(self, folder: Path, dtype: torch.dtype = torch.float32) -> None:
         """Write the index folder whole (temp folder, then rename)."""
         folder = Path(folder)
-        tmp = folder.parent / f".{folder.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = fresh_dir(folder.parent / f".{folder.name}.tmp")
         save_file({"embeddings": self.embeddings.to(dtype).contiguous()}, str(tmp / "embeddings.safetensors"))
         self._save_thumbs(tmp / "thumbs")
         atomic_write_text(tmp / "videos.jsonl", jsonl_text(self.videos))
         atomic_write_json(tmp / "index.json", {"format_version": FORMAT_VERSION, "count": len(self.videos),
                                                "dim": int(self.embeddings.shape[1]),
                                                "dtype": str(dtype).removeprefix("torch."), **self.meta})
-        old = folder.parent / f".{folder.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, folder)
 
     def _save_thumbs(self, target: Path) -> None:
         target.mkdir()

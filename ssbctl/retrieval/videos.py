@@ -114,9 +114,9 @@ def index_videos(run: LoadedRun, folder: Path, out: Path, dtype: torch.dtype = t
             keep.append(hit[0])
         else:
             todo.append(path)
-    embedder = VideoEmbedder(run, workers)
+    embedder = VideoEmbedder(run, workers) if todo else None  # loading backbones only when there is work
     new_feats, new_rows, thumbs, failures = [], [], {}, []
-    for i, feats, reason, thumb in embedder.features(todo, progress):
+    for i, feats, reason, thumb in embedder.features(todo, progress) if embedder else []:
         path = todo[i]
         if feats is None:
             failures.append({"path": str(path), "reason": reason})
@@ -127,8 +127,9 @@ def index_videos(run: LoadedRun, folder: Path, out: Path, dtype: torch.dtype = t
                          "split": "", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "thumb": thumb_name(path)})
         thumbs[thumb_name(path)] = thumb
     parts = [old.embeddings[keep].float()] if keep and old is not None else []
-    embeddings = torch.cat([*parts, embedder.embed(new_feats)]) if parts or new_feats else \
-        torch.zeros(0, run.model.cfg.embed_dim)
+    if embedder is not None and new_feats:
+        parts.append(embedder.embed(new_feats))
+    embeddings = torch.cat(parts) if parts else torch.zeros(0, run.model.cfg.embed_dim)
     rows = [old.videos[i] for i in keep] + new_rows if old is not None else new_rows
     Index(embeddings, rows, meta, thumbs=thumbs, thumbs_from=out / "thumbs").save(out, dtype)
     atomic_write_text(out / "failures.jsonl", jsonl_text(failures))
