@@ -133,11 +133,14 @@ class SSBLoss(nn.Module):
                 log_scale: torch.Tensor, caption_logits: torch.Tensor | None = None,
                 caption_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms; ``loss`` is the one to minimise."""
-        if self.cfg.contrastive == "infonce":
-            scale = log_scale.clamp(max=self.max_log_scale).exp()
-            contrastive = infonce_loss(text.float(), video.float(), video_ids, scale)
-        else:
-            contrastive = max_margin_loss(text.float(), video.float(), video_ids, self.cfg.margin)
+        # Similarities in fp32 even under AMP: at a logit scale near 100, bf16 logits are only
+        # 0.5 apart, coarser than the differences the loss ranks by. (B, B) is cheap either way.
+        with torch.autocast(text.device.type, enabled=False):
+            if self.cfg.contrastive == "infonce":
+                scale = log_scale.float().clamp(max=self.max_log_scale).exp()
+                contrastive = infonce_loss(text.float(), video.float(), video_ids, scale)
+            else:
+                contrastive = max_margin_loss(text.float(), video.float(), video_ids, self.cfg.margin)
         out = {"contrastive_loss": contrastive}
         total = contrastive
         if caption_logits is not None and caption_targets is not None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,7 +63,7 @@ def test_two_process_torchrun_equals_one_process(shapes_store: Path, no_dropout_
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two):
-        for key in ("loss", "contrastive_loss", "caption_loss"):
+        for key in ("loss", "contrastive_loss", "caption_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a["step"])
     w1 = load_file(str(latest_checkpoint(tmp_path / "one") / "model.safetensors"))
     w2 = load_file(str(latest_checkpoint(tmp_path / "two") / "model.safetensors"))
@@ -90,3 +92,67 @@ def test_global_batch_must_divide(shapes_store: Path, no_dropout_text: Path, tmp
     proc = subprocess.run([sys.executable, "-m", "ssbctl", "train", "--recipe", str(recipe), "--nproc", "2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "must be divisible by the 2 processes" in proc.stderr
+
+
+def _workers(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the torchrun workers under an ``ssbctl train --nproc`` process (Linux /proc)."""
+    found: dict[int, int] = {}
+    for torchrun in _children(launcher):
+        for pid in _children(torchrun):
+            env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+            found[int(env["RANK"])] = pid
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()]
+
+
+def _launch_until_checkpoint(args: list[str], run: Path, after_step: int) -> tuple[subprocess.Popen, int]:
+    """Start ``ssbctl train ... --nproc 2`` and wait for a checkpoint past ``after_step``."""
+    proc = subprocess.Popen([sys.executable, "-m", "ssbctl", "train", *args, "--nproc", "2"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        ckpt = latest_checkpoint(run)
+        if ckpt is not None and json.loads((ckpt / "state.json").read_text())["step"] > after_step:
+            return proc, len(_workers(proc.pid))
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"no checkpoint past step {after_step}: {proc.communicate()[1][-2000:]}")
+
+
+def _stopped_step(proc: subprocess.Popen, run: Path) -> int:
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for pid in [*_workers(proc.pid).values(), *_children(proc.pid), proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by SIGTERM" in out
+    state = json.loads((latest_checkpoint(run) / "state.json").read_text())
+    assert state["world"] == 2
+    return state["step"]
+
+
+def test_sigterm_to_one_rank_or_the_launcher_stops_every_rank_at_one_step(
+        shapes_store: Path, no_dropout_text: Path, tmp_path: Path) -> None:
+    """A signal reaching one rank stops all ranks after the same step, with a checkpoint and exit 0
+    (they would otherwise wait in different collectives forever); the run then resumes under torchrun."""
+    from conftest import tiny_overrides
+
+    run = tmp_path / "run"
+    recipe = _write_recipe(tmp_path / "long.toml", tiny_overrides(
+        shapes_store, no_dropout_text, run, **{"train.max_steps": 100000, "train.epochs": 10000,
+                                               "train.log_every": 1000, "train.ckpt_every": 3,
+                                               "data.eval_split": ""}))
+    proc, workers = _launch_until_checkpoint(["--recipe", str(recipe)], run, after_step=0)
+    assert workers == 2
+    os.kill(_workers(proc.pid)[1], signal.SIGTERM)  # rank 1 alone
+    first = _stopped_step(proc, run)
+
+    proc, _ = _launch_until_checkpoint(["--resume", "--out", str(run)], run, after_step=first)
+    proc.send_signal(signal.SIGTERM)  # the launcher forwards it to the workers
+    assert _stopped_step(proc, run) > first

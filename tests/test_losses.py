@@ -70,3 +70,18 @@ def test_ssb_loss_adds_weighted_caption_term_and_clamps_temperature() -> None:
     assert out["contrastive_loss"].item() == pytest.approx(infonce_loss(t, v, ids, torch.tensor(20.0)).item(), rel=1e-6)
     only = loss(t, v, ids, torch.tensor(0.0))
     assert set(only) == {"loss", "contrastive_loss"}
+
+
+@pytest.mark.parametrize("contrastive", ["infonce", "max_margin"])
+def test_contrastive_similarities_stay_fp32_under_autocast(contrastive: str) -> None:
+    """AMP must not round the (B, B) similarities: bf16 logits near a scale of 100 are 0.5 apart."""
+    torch.manual_seed(0)
+    t = F.normalize(torch.randn(16, 64), dim=-1)
+    v = F.normalize(torch.randn(16, 64), dim=-1)
+    loss = SSBLoss(LossConfig(contrastive=contrastive, max_logit_scale=100.0))
+    scale = torch.tensor(math.log(100.0))
+    reference = loss(t, v, torch.arange(16), scale)["contrastive_loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss(t, v, torch.arange(16), scale)["contrastive_loss"]
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference, rtol=1e-6, atol=1e-6)

@@ -80,9 +80,10 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_recipe_args, 
     recipe = load_recipe("shapes", tiny_recipe_args("full", **{"train.epochs": 3}))
     train(recipe, tmp_path / "full")
     stopped = load_recipe("shapes", tiny_recipe_args("stopped", **{"train.epochs": 3}))
-    summary = train(stopped, tmp_path / "stopped", reporter=_SigtermAt(6))  # mid-epoch 2
-    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 6
-    assert latest_checkpoint(tmp_path / "stopped").name == "step-00000006"
+    # The signal arrives after step 6; the ranks agree on it during step 7, then stop (mid-epoch 2).
+    summary = train(stopped, tmp_path / "stopped", reporter=_SigtermAt(6))
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 7
+    assert latest_checkpoint(tmp_path / "stopped").name == "step-00000007"
     resumed = train(stopped, tmp_path / "stopped", resume=True)
     assert resumed["steps"] == 12
     _assert_same_weights(tmp_path / "full", tmp_path / "stopped")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -50,13 +50,32 @@ def barrier() -> None:
         dist.barrier()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any rank (so all ranks stop together)."""
+def any_rank(flags: torch.Tensor) -> list[bool]:
+    """For each boolean in ``flags``, whether it is true on any rank: the same answer on every rank.
+
+    Reading the answer is one host-device synchronisation, so callers pack every per-step
+    decision into one call."""
+    value = flags.to(torch.float32)
+    if is_distributed():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in value.tolist()]
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Average gradients over the ranks in one all_reduce per dtype (DDP's job when its forward
+    is bypassed, as gradient accumulation does); a no-op in one process."""
     if not is_distributed():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
 def gather_objects(obj: Any) -> list[Any]:

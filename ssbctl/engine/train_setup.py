@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -49,4 +50,33 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
             cleaned.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ssbctl", *cleaned]
-    return subprocess.call(cmd)
+    # Its own session: a Ctrl-C reaches the workers once, through the forwarding below.
+    proc = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        _signal_workers(proc.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _signal_workers(launcher_pid: int, signum: int) -> None:
+    """Send ``signum`` to torchrun's workers, which checkpoint and exit 0, so torchrun exits 0.
+
+    Signalling torchrun itself would also stop them, but torchrun then exits 1 with a
+    traceback. Before the workers exist (or without Linux's /proc) torchrun gets the signal."""
+    workers: list[int] = []
+    for children in Path(f"/proc/{launcher_pid}/task").glob("*/children"):
+        try:
+            workers += [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            continue
+    for pid in workers or [launcher_pid]:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass

@@ -24,7 +24,7 @@ from ssbctl.config import Recipe, TrainConfig
 from ssbctl.data.loader import Collate, EpochBatchSampler, PairDataset
 from ssbctl.engine.accumulate import accumulated_backward
 from ssbctl.engine.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
-from ssbctl.engine.distributed import any_rank, barrier, gather_objects, setup
+from ssbctl.engine.distributed import any_rank, average_gradients, barrier, gather_objects, setup
 from ssbctl.engine.run import build_run_model, read_run_recipe, write_recipe, write_run_files
 from ssbctl.errors import TrainingError, UserError
 from ssbctl.evaluation.evaluate import evaluate_split
@@ -235,13 +235,17 @@ class Trainer:
         count, clips, tick = 0, 0, time.perf_counter()
         consecutive_bad = 0
         for batch in loader:
-            terms = self._train_step(batch)
+            terms, stop = self.train_step(batch)
             self.state.batch_in_epoch += 1
+            if stop:  # every rank agreed on this at the same step (see _agree)
+                self.stop_signal = self.stop_signal or signal.SIGTERM
             if terms is None:
                 consecutive_bad += 1
                 if consecutive_bad >= self.cfg.max_nonfinite:
                     raise TrainingError(f"loss was non-finite {consecutive_bad} times in a row at step "
                                         f"{self.state.step}; lower train.lr or check the data")
+                if stop:
+                    return
                 continue
             consecutive_bad = 0
             for k, v in terms.items():
@@ -256,32 +260,39 @@ class Trainer:
                 window, count, clips, tick = {}, 0, 0, time.perf_counter()
             if self.cfg.ckpt_every and self.state.step % self.cfg.ckpt_every == 0:
                 self.save()
-            if (logged or self.stop_signal is not None) and any_rank(self.stop_signal is not None, self.device):
-                self.stop_signal = self.stop_signal or signal.SIGTERM  # all ranks stop at the same step
-                return
-            if self.state.step >= self.total_steps:
+            if stop or self.state.step >= self.total_steps:
                 return
 
-    def _train_step(self, batch: Batch) -> dict[str, torch.Tensor] | None:
-        """One optimizer step; None (and nothing updated) when the loss is not finite.
+    def train_step(self, batch: Batch) -> tuple[dict[str, torch.Tensor] | None, bool]:
+        """One optimizer step, and whether to stop after it.
 
-        The finiteness check is the step's one host-device synchronisation."""
+        The terms are None (and nothing is updated) when the loss is not finite."""
         batch = batch.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         terms = self._backward(batch)
-        if not torch.isfinite(terms["loss"]):
+        bad, stop = self._agree(terms["loss"])
+        if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self.state.nonfinite_steps += 1
             self.reporter.note(f"step {self.state.step + 1}: non-finite loss, batch skipped")
-            return None
-        if self.cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+            return None, stop
+        self.scaler.unscale_(self.optimizer)  # a no-op without fp16
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip or math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.state.step += 1
-        return {k: v.detach() for k, v in terms.items()}
+        return {**{k: v.detach() for k, v in terms.items()}, "grad_norm": grad_norm.detach()}, stop
+
+    def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(skip this step: the loss is not finite, stop after it: a signal came) on every rank alike.
+
+        The step's one host-device synchronisation. A signal reaches the ranks at slightly
+        different moments; deciding both together keeps every rank at the same step and the
+        same sequence of collectives."""
+        stop = torch.tensor(self.stop_signal is not None).to(self.device, non_blocking=True)
+        bad, stop_any = any_rank(torch.stack([~torch.isfinite(loss.detach()), stop]))
+        return bad, stop_any
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
@@ -294,11 +305,7 @@ class Trainer:
             self.scaler.scale(terms["loss"]).backward()
             return terms
         terms = accumulated_backward(self.module, batch, self.cfg.accum_steps, self.scaler.scale, self._autocast)
-        if self.dist.world > 1:  # DDP's hooks only follow its own forward: average by hand
-            for p in self.module.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= self.dist.world
+        average_gradients(self.module.parameters())  # DDP's hooks only follow its own forward
         return terms
 
     # ------------------------------------------------------------ bookkeeping
