@@ -125,3 +125,12 @@ def test_unreachable_text_model_is_a_user_error() -> None:
 
     with pytest.raises(UserError, match="cannot load text model"):
         load_text_backbone("no-such-org/no-such-model")
+
+
+@pytest.mark.parametrize("mask", ["none", "identity", "full", "cross"])
+def test_every_trainable_parameter_gets_a_gradient(shapes_store: Path, tiny_text_model: Path, mask: str) -> None:
+    """DistributedDataParallel fails at the second step if a trainable parameter gets no gradient."""
+    model, *_, batch = _tiny_model(shapes_store, tiny_text_model, mask=mask)
+    model(batch)["loss"].backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused

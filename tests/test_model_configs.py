@@ -39,3 +39,6 @@ def test_model_config_builds_at_tiny_size_and_takes_a_step(name: str, tmp_path: 
     assert torch.isfinite(terms["loss"]) and ("caption_loss" in terms) == (cfg.support.mask != "none")
     terms["loss"].backward()
     assert model.text.proj.weight.grad is not None
+    # DistributedDataParallel fails at the second step if a trainable parameter gets no gradient.
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, unused

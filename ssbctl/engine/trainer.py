@@ -316,6 +316,8 @@ class Trainer:
         row = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.scheduler.get_last_lr()[-1],
                **terms, "temperature": float(torch.exp(-self.module.log_logit_scale.detach())),
                "clips_per_s": clips_per_s * self.dist.world, "time": time.time()}
+        if self.scaler.is_enabled():
+            row["loss_scale"] = self.scaler.get_scale()
         append_jsonl(self.run_dir / METRICS_FILE, row)
 
     def _end_of_epoch(self) -> dict[str, Any] | None:
