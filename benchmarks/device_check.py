@@ -86,7 +86,7 @@ def make_text_model(folder: Path, tokenizer_dir: Path, size: dict) -> Path:
 
 
 def build_trainer(work: Path, name: str, precision: str, tokenizer_dir: Path, smoke: bool,
-                  device: str | None = None, videos: int = 2048) -> Trainer:
+                  device: str | None = None, videos: int = 2048, extra: tuple[str, ...] = ()) -> Trainer:
     cfg = CONFIGS[name]
     text = dict(cfg["text"], hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64) if smoke else cfg["text"]
     store = work / f"store-{name}"
@@ -99,7 +99,7 @@ def build_trainer(work: Path, name: str, precision: str, tokenizer_dir: Path, sm
     recipe = load_recipe("shapes", [f'data.prepared="{store}"', f'model.text.pretrained="{model_dir}"',
                                     f'train.precision="{precision}"', f"train.batch_size={batch}",
                                     'data.eval_split=""', "train.max_steps=1000000", *cfg["set"],
-                                    f'train.device="{device or ("cpu" if smoke else "cuda")}"'])
+                                    f'train.device="{device or ("cpu" if smoke else "cuda")}"', *extra])
     run = work / f"run-{name}-{precision}-{time.monotonic_ns()}"
     return Trainer(recipe, run)
 
@@ -186,6 +186,21 @@ def time_steps(trainer: Trainer, warmup: int, steps: int) -> dict[str, float]:
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else 0.0}
 
 
+ACCUM = 4  # micro-batches per step in the accumulation timing
+
+
+def time_accumulated(work: Path, name: str, precision: str, tokenizer_dir: Path, smoke: bool, warmup: int,
+                     steps: int, device: str | None = None, videos: int = 2048) -> dict[str, float]:
+    """``time_steps`` of the same global batch split into ``ACCUM`` micro-batches (GradCache)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = build_trainer(work, name, precision, tokenizer_dir, smoke, device, videos,
+                            extra=(f"train.accum_steps={ACCUM}",))
+    timing = time_steps(trainer, warmup=warmup, steps=steps)
+    print(f"# {name} {precision} accum {ACCUM}: {json.dumps(timing)}", file=sys.stderr, flush=True)
+    return timing
+
+
 def short_fit(work: Path, tokenizer_dir: Path, smoke: bool) -> dict:
     """A real ``fit`` (bf16 on CUDA) for 30 steps with a checkpoint, then resume for 10 more."""
     trainer = build_trainer(work, "shapes", "bf16", tokenizer_dir, smoke)
@@ -222,6 +237,9 @@ def main() -> None:
                                 warmup=2 if args.smoke else 10, steps=3 if args.smoke else 30)
             report[f"{name}/{precision}"] = timing
             print(f"# {name} {precision}: {json.dumps(timing)}", file=sys.stderr, flush=True)
+        precision = precisions[1] if len(precisions) > 1 else "fp32"
+        report[f"{name}/{precision}/accum{ACCUM}"] = time_accumulated(
+            work, name, precision, args.tokenizer, args.smoke, warmup=2 if args.smoke else 5, steps=3 if args.smoke else 15)
     report["fit_and_resume"] = short_fit(work, args.tokenizer, args.smoke)
     print_report(report)
     if args.json:
@@ -246,6 +264,16 @@ def print_report(report: dict) -> None:
                 print(f"| {p} | {t['step_ms']:.1f} | {t['clips_per_s']:.0f} | {t['clips_per_s'] / base:.2f}x | "
                       f"{t['achieved_tflops']:.3f} | {t['achieved_tflops'] / peak:.1%} | "
                       f"{t['peak_mem_gib']:.2f} | {t['loss_first']:.3f} -> {t['loss_last']:.3f} |")
+    rows = [(key.split("/")[0], key.split("/")[1]) for key in report if key.endswith(f"/accum{ACCUM}")]
+    if rows:
+        print(f"\ngradient accumulation: the same global batch in {ACCUM} micro-batches (GradCache) against one")
+        print("| config | precision | step ms, 1 -> 4 | time ratio | peak GiB, 1 -> 4 |")
+        print("|---|---|---|---|---|")
+        for name, p in rows:
+            one, four = report[f"{name}/{p}"], report[f"{name}/{p}/accum{ACCUM}"]
+            print(f"| {name} | {p} | {one['step_ms']:.1f} -> {four['step_ms']:.1f} | "
+                  f"{four['step_ms'] / one['step_ms']:.2f}x | " + (
+                      f"{one['peak_mem_gib']:.2f} -> {four['peak_mem_gib']:.2f} |" if one["peak_mem_gib"] else "n/a (CPU) |"))
     if "fit_and_resume" in report:
         print(f"\nfit + resume: {report['fit_and_resume']}")
 

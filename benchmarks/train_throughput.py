@@ -42,6 +42,9 @@ def main() -> None:
         report[f"{name}/parity"] = {"fp32/loss": dc.loss_parity(trainer)["fp32/loss"]}
         report[f"{name}/fp32"] = dc.time_steps(trainer, warmup=2, steps=args.steps)
         print(f"# {name}: {json.dumps(report[f'{name}/fp32'])}", flush=True)
+        report[f"{name}/fp32/accum{dc.ACCUM}"] = dc.time_accumulated(
+            work, name, "fp32", args.tokenizer, smoke=False, warmup=1, steps=args.steps, device=device.type,
+            videos=256 if device.type == "cpu" else 2048)
     dc.print_report(report)
 
 

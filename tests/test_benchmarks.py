@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs a script with some top-level packages made unimportable, as on a machine without them.
@@ -41,5 +43,9 @@ def test_device_check_smoke_runs_without_the_packages_the_device_lacks(tmp_path:
         assert timing["step_ms"] > 0 and timing["gflop_per_step"] > 0
         assert math.isfinite(timing["loss_first"]) and math.isfinite(timing["loss_last"])
         assert math.isfinite(report[f"{name}/parity"]["fp32/loss"])
+        accumulated = report[f"{name}/fp32/accum4"]  # the same global batch in 4 micro-batches
+        # same loss up to dropout, whose masks are drawn per micro-batch
+        assert accumulated["step_ms"] > 0
+        assert accumulated["loss_first"] == pytest.approx(timing["loss_first"], rel=1e-2)
     assert report["fit_and_resume"] == {"first_steps": 30, "resumed_to": 40, "nonfinite": 0}
     assert "| precision | step ms |" in proc.stdout
