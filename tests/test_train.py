@@ -20,6 +20,7 @@ from ssbctl.paths import find_config
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.engine.trainer import SilentReporter, Trainer, lr_factor, train
 from ssbctl.errors import UserError
+from ssbctl.io import read_jsonl
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -134,6 +135,13 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_recipe_args, t
     assert done.returncode == 0, done.stderr[-2000:]
     assert latest_checkpoint(tmp_path / "killed").name == "step-00000048"
     _assert_same_weights(tmp_path / "reference", tmp_path / "killed")
+    # one loss curve, equal to the uninterrupted run's; the rows the killed part logged after its
+    # last checkpoint are kept aside
+    curve = [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl")]
+    assert curve == [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(tmp_path / "reference" / "metrics.jsonl")]
+    assert [s for s, *_ in curve] == list(range(1, 49))
+    superseded = tmp_path / "killed" / "metrics.superseded.jsonl"
+    assert not superseded.exists() or all(r["step"] > int(last.name[5:]) for r in read_jsonl(superseded))
 
 
 def test_two_experts_train_and_evaluate(shapes_raw: Path, tiny_vit: Path, tiny_recipe_args, tmp_path: Path, capsys) -> None:
@@ -195,3 +203,25 @@ def test_sigterm_to_the_cli_checkpoints_and_exits_0(tiny_recipe_args, tmp_path: 
     assert "stopped by SIGTERM" in out
     ckpt = latest_checkpoint(tmp_path / "term")
     assert ckpt is not None and 0 < json.loads((ckpt / "state.json").read_text())["step"] < 800
+
+
+def test_resume_moves_rows_logged_after_the_checkpoint_aside(tiny_recipe_args, tmp_path: Path) -> None:
+    """A run killed after logging step 6 but before checkpointing it resumes from step 4: metrics.jsonl
+    keeps one curve, the lost steps' rows go to metrics.superseded.jsonl, a torn last line is dropped."""
+    import shutil
+
+    extra = {"train.max_steps": 6, "train.ckpt_every": 4, "data.eval_split": "", "train.keep_checkpoints": 3}
+    run = tmp_path / "run"
+    train(load_recipe("shapes", tiny_recipe_args("run", **extra)), run)
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 7, "lo')  # the kill came mid-write
+    assert latest_checkpoint(run).name == "step-00000004"
+
+    resumed = train(load_recipe("shapes", tiny_recipe_args("run", **{**extra, "train.max_steps": 8})), run, resume=True)
+    assert resumed["steps"] == 8
+    rows = list(read_jsonl(run / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    aside = list(read_jsonl(run / "metrics.superseded.jsonl"))
+    assert [r["step"] for r in aside] == [5, 6]
+    assert [r["loss"] for r in aside] == [r["loss"] for r in rows[4:6]], "the replayed steps log the same losses"

@@ -28,11 +28,12 @@ from ssbctl.engine.distributed import any_rank, average_gradients, barrier, gath
 from ssbctl.engine.run import build_run_model, read_run_recipe, write_recipe, write_run_files
 from ssbctl.errors import TrainingError, UserError
 from ssbctl.evaluation.evaluate import evaluate_split
-from ssbctl.io import append_jsonl
+from ssbctl.io import append_jsonl, atomic_write_text, jsonl_text, read_jsonl
 from ssbctl.model.ssb import Batch, SSBModel, build_model
 from ssbctl.paths import open_stores
 
 METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
 
 
 class Reporter(Protocol):
@@ -187,6 +188,20 @@ class Trainer:
         self.saved_step = self.state.step
         self.reporter.note(f"resumed from {checkpoint.name} (epoch {self.state.epoch + 1}, "
                            f"step {self.state.step})")
+        if self.dist.is_main:
+            self._rewind_metrics()
+
+    def _rewind_metrics(self) -> None:
+        """Move rows logged after the resumed checkpoint (by the part of the run that was lost) to
+        ``metrics.superseded.jsonl``, so ``metrics.jsonl`` holds one curve; drops a torn last line."""
+        path = self.run_dir / METRICS_FILE
+        if not path.is_file():
+            return
+        rows = list(read_jsonl(path))
+        later = [r for r in rows if r.get("step", 0) > self.state.step]
+        if later:
+            append_jsonl(self.run_dir / SUPERSEDED_METRICS_FILE, later)
+        atomic_write_text(path, jsonl_text(r for r in rows if r.get("step", 0) <= self.state.step))
 
     def save(self) -> None:
         """Write a checkpoint of the current step (rank 0 writes; every rank's RNG state goes in)."""
