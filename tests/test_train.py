@@ -188,7 +188,8 @@ def test_nonfinite_batches_are_skipped_counted_and_abort_when_persistent(shapes_
     assert latest_checkpoint(tmp_path / "nan") is None
 
 
-def test_sigterm_to_the_cli_checkpoints_and_exits_0(tiny_recipe_args, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_to_the_cli_checkpoints_and_exits_0(tiny_recipe_args, tmp_path: Path, signum: int) -> None:
     recipe_file = _write_recipe(tmp_path / "tiny.toml", tiny_recipe_args("term", **{"train.epochs": 200,
                                                                                       "data.eval_split": ""}))
     proc = subprocess.Popen([sys.executable, "-m", "ssbctl", "train", "--recipe", str(recipe_file)],
@@ -197,10 +198,10 @@ def test_sigterm_to_the_cli_checkpoints_and_exits_0(tiny_recipe_args, tmp_path: 
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text()):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    assert "stopped by SIGTERM" in out
+    assert f"stopped by {signal.Signals(signum).name}" in out
     ckpt = latest_checkpoint(tmp_path / "term")
     assert ckpt is not None and 0 < json.loads((ckpt / "state.json").read_text())["step"] < 800
 
