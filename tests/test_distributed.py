@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -108,6 +109,22 @@ def _children(pid: int) -> list[int]:
     return [int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()]
 
 
+def _communicate_or_reap(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``proc.communicate``; on a timeout (ranks hung in a collective) kill its whole tree first."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree, todo = [], [proc.pid]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += _children(pid)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise
+
+
 def _launch_until_checkpoint(args: list[str], run: Path, after_step: int) -> tuple[subprocess.Popen, int]:
     """Start ``ssbctl train ... --nproc 2`` and wait for a checkpoint past ``after_step``."""
     proc = subprocess.Popen([sys.executable, "-m", "ssbctl", "train", *args, "--nproc", "2"], text=True,
@@ -124,12 +141,7 @@ def _launch_until_checkpoint(args: list[str], run: Path, after_step: int) -> tup
 
 
 def _stopped_step(proc: subprocess.Popen, run: Path) -> int:
-    try:
-        out, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        for pid in [*_workers(proc.pid).values(), *_children(proc.pid), proc.pid]:
-            os.kill(pid, signal.SIGKILL)
-        raise
+    out, err = _communicate_or_reap(proc, timeout=120)
     assert proc.returncode == 0, err[-3000:]
     assert "stopped by SIGTERM" in out
     state = json.loads((latest_checkpoint(run) / "state.json").read_text())
@@ -137,22 +149,57 @@ def _stopped_step(proc: subprocess.Popen, run: Path) -> int:
     return state["step"]
 
 
-def test_sigterm_to_one_rank_or_the_launcher_stops_every_rank_at_one_step(
+# Run under torchrun: trains a recipe; rank 1 alone sends itself SIGTERM right after step AT.
+SIGNAL_ONE_RANK = """
+import json, os, signal, sys
+from pathlib import Path
+from ssbctl.config import load_recipe
+from ssbctl.engine import trainer
+
+recipe, run, at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+if os.environ["RANK"] == "1":
+    def step(self, step, terms, clips_per_s):
+        if step == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+    trainer.SilentReporter.step = step
+summary = trainer.train(load_recipe(recipe), run)
+(run.parent / f"summary-{os.environ['RANK']}.json").write_text(json.dumps(summary))
+"""
+
+
+def test_a_signal_to_one_rank_or_to_the_launcher_stops_every_rank_at_one_step(
         shapes_store: Path, no_dropout_text: Path, tmp_path: Path) -> None:
-    """A signal reaching one rank stops all ranks after the same step, with a checkpoint and exit 0
-    (they would otherwise wait in different collectives forever); the run then resumes under torchrun."""
+    """A signal that reaches one rank stops all ranks after the same step, with a checkpoint and exit 0.
+
+    Rank 1 gets it right after the last step of epoch 1, between that step's agreement and the
+    next epoch: the moment where a rank acting on its own signal would leave the others waiting
+    in a collective forever. Then the run resumes under ``--nproc 2`` and SIGTERM to the launcher
+    reaches the workers."""
     from conftest import tiny_overrides
+
+    from ssbctl.data.loader import EpochBatchSampler, PairDataset
+    from ssbctl.data.store import FeatureStore
 
     run = tmp_path / "run"
     recipe = _write_recipe(tmp_path / "long.toml", tiny_overrides(
         shapes_store, no_dropout_text, run, **{"train.max_steps": 100000, "train.epochs": 10000,
-                                               "train.log_every": 1000, "train.ckpt_every": 3,
+                                               "train.log_every": 1000, "train.ckpt_every": 1000,
                                                "data.eval_split": ""}))
-    proc, workers = _launch_until_checkpoint(["--recipe", str(recipe)], run, after_step=0)
-    assert workers == 2
-    os.kill(_workers(proc.pid)[1], signal.SIGTERM)  # rank 1 alone
-    first = _stopped_step(proc, run)
+    per_epoch = len(EpochBatchSampler(len(PairDataset(FeatureStore(shapes_store), "train")), 8, 0).batches())
+    script = tmp_path / "signal_one_rank.py"
+    script.write_text(SIGNAL_ONE_RANK)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(recipe), str(run), str(per_epoch)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _, err = _communicate_or_reap(proc, timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    summaries = [json.loads((tmp_path / f"summary-{rank}.json").read_text()) for rank in (0, 1)]
+    assert {(s["steps"], s["stopped_by"]) for s in summaries} == {(per_epoch + 1, "SIGTERM")}
+    first = json.loads((latest_checkpoint(run) / "state.json").read_text())
+    assert first["step"] == per_epoch + 1 and first["world"] == 2
 
-    proc, _ = _launch_until_checkpoint(["--resume", "--out", str(run)], run, after_step=first)
+    proc, workers = _launch_until_checkpoint(
+        ["--resume", "--out", str(run), "--set", "train.ckpt_every=2"], run, after_step=first["step"])
+    assert workers == 2
     proc.send_signal(signal.SIGTERM)  # the launcher forwards it to the workers
-    assert _stopped_step(proc, run) > first
+    assert _stopped_step(proc, run) > first["step"]

@@ -150,7 +150,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.state = TrainState()
         self.saved_step = -1
-        self.stop_signal: int | None = None
+        self.stop_signal: int | None = None  # the signal this process received
+        self.stopping = False  # all ranks agreed to stop (see _agree); the loop tests only this
         if checkpoint is not None:
             self._restore(checkpoint)
         self.module.text.warm_cache(self.tokenizer, self.dataset.captions)
@@ -229,7 +230,7 @@ class Trainer:
         self.reporter.start(self.total_steps, self.state.step)
         last_eval: dict[str, Any] | None = None
         with _StopOnSignal(self):
-            while self.state.step < self.total_steps and self.stop_signal is None:
+            while self.state.step < self.total_steps and not self.stopping:
                 self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
                 self._run_epoch(loader)
                 if self.state.batch_in_epoch >= self.steps_per_epoch:
@@ -243,7 +244,7 @@ class Trainer:
         return {"run_dir": str(self.run_dir), "rank": self.dist.rank, "steps": self.state.step,
                 "epochs": self.state.epoch,
                 "nonfinite_steps": self.state.nonfinite_steps, "eval": last_eval,
-                "stopped_by": signal.Signals(self.stop_signal).name if self.stop_signal else None}
+                "stopped_by": signal.Signals(self.stop_signal).name if self.stopping else None}
 
     def _run_epoch(self, loader: DataLoader) -> None:
         window: dict[str, torch.Tensor] = {}  # loss terms summed on the device: read back only when logged
@@ -253,7 +254,7 @@ class Trainer:
             terms, stop = self.train_step(batch)
             self.state.batch_in_epoch += 1
             if stop:  # every rank agreed on this at the same step (see _agree)
-                self.stop_signal = self.stop_signal or signal.SIGTERM
+                self.stopping, self.stop_signal = True, self.stop_signal or signal.SIGTERM
             if terms is None:
                 consecutive_bad += 1
                 if consecutive_bad >= self.cfg.max_nonfinite:
