@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -296,7 +297,11 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip or math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # fp16: a step skipped for overflowing gradients still advances the schedule, which
+            # stays keyed to the step count; torch's warning about that order is expected here.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()
         self.state.step += 1
         return {**{k: v.detach() for k, v in terms.items()}, "grad_norm": grad_norm.detach()}, stop
 
