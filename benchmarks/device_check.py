@@ -202,13 +202,19 @@ def time_accumulated(work: Path, name: str, precision: str, tokenizer_dir: Path,
 
 
 def short_fit(work: Path, tokenizer_dir: Path, smoke: bool) -> dict:
-    """A real ``fit`` (bf16 on CUDA) for 30 steps with a checkpoint, then resume for 10 more."""
-    trainer = build_trainer(work, "shapes", "bf16", tokenizer_dir, smoke)
+    """A real ``fit`` (bf16 on CUDA, 4 loader workers) for 30 steps with a checkpoint, then resume
+    for 10 more; reports the share of the time the loop waited for batches."""
+    workers = 0 if smoke else 4
+    trainer = build_trainer(work, "shapes", "bf16", tokenizer_dir, smoke,
+                            extra=(f"data.num_workers={workers}", "train.log_every=10"))
     trainer.total_steps = 30
     first = trainer.fit()
     resumed = Trainer(dataclasses.replace(trainer.recipe, train=dataclasses.replace(trainer.cfg, max_steps=40)),
                       trainer.run_dir, resume=True).fit()
-    return {"first_steps": first["steps"], "resumed_to": resumed["steps"], "nonfinite": resumed["nonfinite_steps"]}
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    waits = [r["data_wait"] for r in rows if "data_wait" in r]
+    return {"first_steps": first["steps"], "resumed_to": resumed["steps"], "nonfinite": resumed["nonfinite_steps"],
+            "loader_workers": workers, "data_wait": statistics.mean(waits) if waits else None}
 
 
 def main() -> None:

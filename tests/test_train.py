@@ -47,7 +47,8 @@ def test_training_lowers_the_loss_and_writes_a_complete_run(tiny_recipe_args, tm
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval" in r]
     assert len(steps) == 32 and len(evals) == 8
-    assert {"contrastive_loss", "caption_loss", "lr", "clips_per_s", "temperature"} <= steps[0].keys()
+    assert {"contrastive_loss", "caption_loss", "lr", "clips_per_s", "temperature", "grad_norm"} <= steps[0].keys()
+    assert all(0 <= r["data_wait"] <= 1 for r in steps)  # share of the time spent waiting for batches
     first = sum(r["loss"] for r in steps[:4]) / 4
     last = sum(r["loss"] for r in steps[-4:]) / 4
     assert last < first - 0.3, (first, last)

@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch.utils.data import DataLoader
@@ -249,9 +249,10 @@ class Trainer:
 
     def _run_epoch(self, loader: DataLoader) -> None:
         window: dict[str, torch.Tensor] = {}  # loss terms summed on the device: read back only when logged
-        count, clips, tick = 0, 0, time.perf_counter()
+        count, clips, waited, tick = 0, 0, 0.0, time.perf_counter()
         consecutive_bad = 0
-        for batch in loader:
+        for batch, wait in _timed(loader):
+            waited += wait
             terms, stop = self.train_step(batch)
             self.state.batch_in_epoch += 1
             if stop:  # every rank agreed on this at the same step (see _agree)
@@ -269,12 +270,12 @@ class Trainer:
                 window[k] = window[k] + v if k in window else v
             count, clips = count + 1, clips + batch.input_ids.shape[0]
             logged = self.state.step % self.cfg.log_every == 0
-            rate = clips / max(time.perf_counter() - tick, 1e-9)
+            elapsed = max(time.perf_counter() - tick, 1e-9)
             means = {k: float(v) / count for k, v in window.items()} if logged else None
-            self.reporter.step(self.state.step, means, rate)
+            self.reporter.step(self.state.step, means, clips / elapsed)
             if logged:
-                self._log(means, rate)
-                window, count, clips, tick = {}, 0, 0, time.perf_counter()
+                self._log(means, clips / elapsed, waited / elapsed)
+                window, count, clips, waited, tick = {}, 0, 0, 0.0, time.perf_counter()
             if self.cfg.ckpt_every and self.state.step % self.cfg.ckpt_every == 0:
                 self.save()
             if stop or self.state.step >= self.total_steps:
@@ -331,12 +332,13 @@ class Trainer:
 
     # ------------------------------------------------------------ bookkeeping
 
-    def _log(self, terms: dict[str, float], clips_per_s: float) -> None:
+    def _log(self, terms: dict[str, float], clips_per_s: float, data_wait: float) -> None:
+        """One metrics row; ``data_wait`` is the share of the time spent waiting for batches."""
         if not self.dist.is_main:
             return
         row = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.scheduler.get_last_lr()[-1],
                **terms, "temperature": float(torch.exp(-self.module.log_logit_scale.detach())),
-               "clips_per_s": clips_per_s * self.dist.world, "time": time.time()}
+               "clips_per_s": clips_per_s * self.dist.world, "data_wait": data_wait, "time": time.time()}
         if self.scaler.is_enabled():
             row["loss_scale"] = self.scaler.get_scale()
         append_jsonl(self.run_dir / METRICS_FILE, row)
@@ -355,6 +357,18 @@ class Trainer:
         if not self.cfg.ckpt_every:
             self.save()
         return result
+
+
+def _timed(loader: DataLoader) -> Iterator[tuple[Batch, float]]:
+    """The loader's batches, each with the seconds spent waiting for it (the model idles meanwhile)."""
+    batches = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - start
 
 
 class _StopOnSignal:
