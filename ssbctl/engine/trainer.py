@@ -313,8 +313,8 @@ class Trainer:
         different moments; deciding both together keeps every rank at the same step and the
         same sequence of collectives."""
         stop = torch.tensor(self.stop_signal is not None).to(self.device, non_blocking=True)
-        bad, stop_any = any_rank(torch.stack([~torch.isfinite(loss.detach()), stop]))
-        return bad, stop_any
+        bad, stop_anywhere = any_rank(torch.stack([~torch.isfinite(loss.detach()), stop]))
+        return bad, stop_anywhere
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
