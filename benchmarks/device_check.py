@@ -30,7 +30,8 @@ from ssbctl.data.datasets.shapes import ShapesSpec, captions, sample_scene
 from ssbctl.data.loader import Collate
 from ssbctl.data.store import StoreWriter
 from ssbctl.data.video import Sampling
-from ssbctl.engine.trainer import Trainer
+from ssbctl.engine.trainer import METRICS_FILE, Trainer
+from ssbctl.io import read_jsonl
 
 CONFIGS = {
     # the shapes recipe's model: pixels features, frozen MiniLM-sized text encoder
@@ -211,8 +212,7 @@ def short_fit(work: Path, tokenizer_dir: Path, smoke: bool) -> dict:
     first = trainer.fit()
     resumed = Trainer(dataclasses.replace(trainer.recipe, train=dataclasses.replace(trainer.cfg, max_steps=40)),
                       trainer.run_dir, resume=True).fit()
-    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-    waits = [r["data_wait"] for r in rows if "data_wait" in r]
+    waits = [r["data_wait"] for r in read_jsonl(trainer.run_dir / METRICS_FILE) if "data_wait" in r]
     return {"first_steps": first["steps"], "resumed_to": resumed["steps"], "nonfinite": resumed["nonfinite_steps"],
             "loader_workers": workers, "data_wait": statistics.mean(waits) if waits else None}
 

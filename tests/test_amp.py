@@ -6,7 +6,6 @@ benchmarks/device_check.sh."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,16 +16,13 @@ import ssbctl.engine.trainer as trainer_module
 from ssbctl.config import load_recipe
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.engine.trainer import Trainer, train
+from ssbctl.io import read_jsonl
 
 
 @pytest.fixture
 def cpu_amp(monkeypatch: pytest.MonkeyPatch) -> None:
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     monkeypatch.setattr(trainer_module, "amp_dtype", lambda precision, device: dtypes.get(precision))
-
-
-def _first_rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
 def test_bf16_and_fp16_losses_match_fp32_and_the_scaler_state_resumes(cpu_amp: None, tiny_recipe_args,
@@ -37,7 +33,7 @@ def test_bf16_and_fp16_losses_match_fp32_and_the_scaler_state_resumes(cpu_amp: N
             "train.precision": precision, "train.max_steps": 2, "data.eval_split": "", "model.video.dropout": 0.0,
             "model.decoder.dropout": 0.0}))
         train(recipe, tmp_path / precision)
-        rows[precision] = _first_rows(tmp_path / precision)
+        rows[precision] = [r for r in read_jsonl(tmp_path / precision / "metrics.jsonl") if "loss" in r]
     for precision in ("bf16", "fp16"):
         for key in ("loss", "contrastive_loss", "caption_loss"):
             assert rows[precision][0][key] == pytest.approx(rows["fp32"][0][key], rel=2e-2), (precision, key)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from ssbctl.config import load_recipe
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.engine.trainer import train
+from ssbctl.io import read_jsonl
 from test_train import _write_recipe
 
 
@@ -39,7 +40,7 @@ def no_dropout_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _losses(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    return [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
 
 
 @pytest.mark.parametrize("mask, accum", [("cross", 1), ("identity", 2)])

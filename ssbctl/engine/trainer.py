@@ -230,7 +230,10 @@ class Trainer:
         self.model.train()
         self.reporter.start(self.total_steps, self.state.step)
         last_eval: dict[str, Any] | None = None
-        with _StopOnSignal(self):
+        with _StopOnSignal(self), warnings.catch_warnings():
+            # fp16: a step skipped for overflowing gradients still advances the schedule, which
+            # stays keyed to the step count; torch's warning about that order is expected here.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             while self.state.step < self.total_steps and not self.stopping:
                 self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
                 self._run_epoch(loader)
@@ -298,11 +301,7 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip or math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        with warnings.catch_warnings():
-            # fp16: a step skipped for overflowing gradients still advances the schedule, which
-            # stays keyed to the step count; torch's warning about that order is expected here.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
-            self.scheduler.step()
+        self.scheduler.step()
         self.state.step += 1
         return {**{k: v.detach() for k, v in terms.items()}, "grad_norm": grad_norm.detach()}, stop
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -18,7 +17,7 @@ from ssbctl.data.video import VIDEO_SUFFIXES, Sampling
 from ssbctl.engine.run import LoadedRun, read_expert_specs
 from ssbctl.errors import UserError
 from ssbctl.evaluation.evaluate import embed_features
-from ssbctl.io import atomic_write_text, jsonl_text
+from ssbctl.io import atomic_write_text, jsonl_text, read_jsonl
 from ssbctl.retrieval.index import Index
 
 Progress = Callable[[int, int], None]
@@ -149,4 +148,4 @@ def embed_video_file(run: LoadedRun, path: Path) -> torch.Tensor:
 def failures_of(index_dir: Path) -> list[dict[str, Any]]:
     """The unreadable files an index skipped."""
     path = index_dir / "failures.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return list(read_jsonl(path)) if path.is_file() else []
