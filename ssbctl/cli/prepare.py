@@ -46,6 +46,7 @@ def prepare(
     download: Annotated[bool, typer.Option(help="Download the dataset's files into --root first (resumable, checked).")] = False,
     urls: Annotated[list[str] | None, typer.Option("--url", help="With --download: fetch these instead of the known sources.")] = None,
     sha256: Annotated[str | None, typer.Option(help="With one --url: its expected SHA-256.")] = None,
+    max_extract_bytes: Annotated[str | None, typer.Option(help="With --download: most bytes one archive may expand to, e.g. 500G (default 256G; env SSBCTL_MAX_EXTRACT_BYTES).")] = None,
     split: Annotated[str, typer.Option(help="msrvtt: training split 9k or 7k.")] = "9k",
     frames: Annotated[int | None, typer.Option(help="Most frames per video (default: the dataset's: 12, or 64 for paragraphs).")] = None,
     sampling: Annotated[str | None, typer.Option(help="fps (default for real datasets) or uniform (segment centres).")] = None,
@@ -64,22 +65,26 @@ def prepare(
     from ssbctl.data.backbones import ImportedFeatures, backbone_tag, parse_backbone
     from ssbctl.data.datasets import dataset_spec
     from ssbctl.data.datasets.shapes import ShapesSpec
+    from ssbctl.data.download import check_download_options, fetch_dataset
+    from ssbctl.data.extract import ExtractLimits
     from ssbctl.data.prepare import PrepareOptions, dataset_items, imported_items
     from ssbctl.data.prepare import prepare as run_prepare
     from ssbctl.data.video import Sampling
     from ssbctl.errors import UserError
     from ssbctl.paths import home
 
+    sha256 = check_download_options(download, urls, sha256)
+    if max_extract_bytes is not None and not download:
+        raise UserError("--max-extract-bytes needs --download")
+    limits = ExtractLimits.from_env(max_extract_bytes) if download else None
     protocol = dataset_spec(dataset).protocol
     mode = sampling or ("uniform" if dataset in ("shapes", "custom") else "fps")
     if mode not in ("uniform", "fps") or (frames is not None and frames < 1):
         raise UserError("--sampling must be uniform or fps, and --frames at least 1")
     if download:
-        from ssbctl.data.download import fetch_dataset
-
         root = root or home() / "raw" / dataset
         with progress_bar("download") as update:
-            fetch_dataset(dataset, root, urls, sha256, progress=lambda _name: update)
+            fetch_dataset(dataset, root, urls, sha256, progress=lambda _name: update, limits=limits)
     with progress_bar("generate clips" if dataset == "shapes" else "read annotations") as update:
         items = dataset_items(dataset, root, annotations, ShapesSpec(num_videos=num_videos, seed=seed), update, split)
     if features is not None:

@@ -2,14 +2,16 @@
 
 Downloads stream to ``NAME.part`` and resume with an HTTP Range request after an interruption;
 a SHA-256 is checked when one is known (a mismatch removes the file and fails). Archives are
-checked member by member before anything is written: no absolute path, no ``..``, no link that
-points outside the target folder, no device file.
+checked member by member before anything is written and extracted by :mod:`ssbctl.data.extract`
+(nothing outside the target folder, bounded size). What the user gives (``--url``, ``--sha256``)
+is checked by :func:`check_download_options` before any work starts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import re
 import tarfile
 import time
 import urllib.error
@@ -20,8 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
+from ssbctl.data.extract import ExtractLimits, extract
 from ssbctl.errors import DataError, UserError
 from ssbctl.io import atomic_write_bytes
+
+__all__ = ["Source", "SOURCES", "check_download_options", "download", "extract", "fetch_dataset", "file_name",
+           "normalize_sha256", "sha256_of", "sources_for"]
 
 Progress = Callable[[int, int], None]
 CHUNK = 1 << 20
@@ -54,12 +60,49 @@ SOURCES: dict[str, list[Source]] = {
 }
 
 
+URL_SCHEMES = ("http", "https", "ftp", "file")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def normalize_sha256(value: str) -> str:
+    """A SHA-256 as lower-case hex (publishers print either case); UserError unless 64 hex digits."""
+    digest = value.strip().lower()
+    if not _HEX64.fullmatch(digest):
+        raise UserError(f"--sha256 must be 64 hexadecimal digits, got {value!r}")
+    return digest
+
+
+def check_url(url: str) -> None:
+    """UserError unless ``url`` has a scheme urllib fetches and ends in a usable file name."""
+    scheme = urllib.parse.urlparse(url).scheme.lower()
+    if scheme not in URL_SCHEMES:
+        raise UserError(f"--url needs a scheme ({', '.join(s + '://' for s in URL_SCHEMES)}), got {url!r}")
+    name = PurePosixPath(urllib.parse.urlparse(url).path).name
+    if not name or name in (".", ".."):
+        raise UserError(f"--url must end in a file name (like .../videos.zip), got {url!r}")
+
+
+def check_download_options(download: bool, urls: list[str] | None, sha256: str | None) -> str | None:
+    """Check ``--download``/``--url``/``--sha256`` before any work; return the normalised SHA-256."""
+    if (urls or sha256) and not download:
+        raise UserError(f"{'--url' if urls else '--sha256'} needs --download (without it nothing is fetched)")
+    for url in urls or []:
+        check_url(url)
+    if sha256 is None:
+        return None
+    if not urls or len(urls) != 1:
+        raise UserError("--sha256 goes with exactly one --url")
+    return normalize_sha256(sha256)
+
+
 def sources_for(dataset: str, urls: list[str] | None = None, sha256: str | None = None) -> list[Source]:
     """The table's sources for ``dataset``, or the given URLs (with an optional checksum for one URL)."""
     if urls:
         if sha256 and len(urls) != 1:
             raise UserError("--sha256 goes with exactly one --url")
-        return [Source(u, sha256) for u in urls]
+        for url in urls:
+            check_url(url)
+        return [Source(u, normalize_sha256(sha256) if sha256 else None) for u in urls]
     if dataset not in SOURCES:
         raise UserError(f"no known download for '{dataset}'; give --url")
     return SOURCES[dataset]
@@ -68,7 +111,7 @@ def sources_for(dataset: str, urls: list[str] | None = None, sha256: str | None 
 def file_name(url: str) -> str:
     """The file name a URL is saved under."""
     name = PurePosixPath(urllib.parse.urlparse(url).path).name
-    if not name:
+    if not name or name in (".", ".."):
         raise UserError(f"cannot tell a file name from URL {url}")
     return name
 
@@ -113,7 +156,8 @@ def download(source: Source, folder: Path, progress: Progress | None = None, ret
     """Download ``source`` into ``folder`` (resuming a ``.part``), check it, return its path."""
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / file_name(source.url)
-    if dest.is_file() and (source.sha256 is None or sha256_of(dest) == source.sha256):
+    expected = source.sha256.lower() if source.sha256 is not None else None
+    if dest.is_file() and (expected is None or sha256_of(dest) == expected):
         return dest
     part = dest.with_name(dest.name + ".part")
     for attempt in range(retries + 1):
@@ -128,60 +172,25 @@ def download(source: Source, folder: Path, progress: Progress | None = None, ret
         time.sleep(min(2 ** attempt * 0.1, 5))
     else:
         raise DataError(f"download of {source.url} did not complete after {retries + 1} tries")
-    if source.sha256 is not None:
+    if expected is not None:
         actual = sha256_of(part)
-        if actual != source.sha256.lower():
+        if actual != expected:
             part.unlink()
             raise DataError(f"{dest.name}: SHA-256 is {actual}, expected {source.sha256}; the file was removed")
     part.replace(dest)
     return dest
 
 
-def _inside(target: Path, name: str) -> bool:
-    if not name or PurePosixPath(name).is_absolute() or name.startswith("\\"):
-        return False
-    return (target / name).resolve().is_relative_to(target.resolve())
-
-
-def check_tar(archive: Path, target: Path) -> list[tarfile.TarInfo]:
-    """The members of a tar archive, after checking none can escape ``target``."""
-    with tarfile.open(archive) as tar:
-        members = tar.getmembers()
-    for m in members:
-        if not _inside(target, m.name):
-            raise DataError(f"{archive.name}: member '{m.name}' would be written outside {target}; refused")
-        if m.issym() or m.islnk():
-            base = (target / m.name).parent if m.issym() else target
-            if PurePosixPath(m.linkname).is_absolute() or not (base / m.linkname).resolve().is_relative_to(target.resolve()):
-                raise DataError(f"{archive.name}: link '{m.name}' -> '{m.linkname}' points outside {target}; refused")
-        if m.isdev():
-            raise DataError(f"{archive.name}: member '{m.name}' is a device file; refused")
-    return members
-
-
-def extract(archive: Path, target: Path) -> None:
-    """Extract a tar or zip archive into ``target`` after checking every member; other files stay as they are."""
-    target.mkdir(parents=True, exist_ok=True)
-    if tarfile.is_tarfile(archive):
-        members = check_tar(archive, target)
-        with tarfile.open(archive) as tar:
-            tar.extractall(target, members=members, filter="data")
-    elif zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for name in zf.namelist():
-                if not _inside(target, name):
-                    raise DataError(f"{archive.name}: member '{name}' would be written outside {target}; refused")
-            zf.extractall(target)
-
-
 def fetch_dataset(dataset: str, root: Path, urls: list[str] | None = None, sha256: str | None = None,
-                  progress: Callable[[str], Progress] | None = None) -> list[Path]:
-    """Download every source of ``dataset`` into ``root/downloads`` and extract archives into ``root``."""
+                  progress: Callable[[str], Progress] | None = None,
+                  limits: ExtractLimits | None = None) -> list[Path]:
+    """Download every source of ``dataset`` into ``root/downloads`` and extract archives into ``root``
+    (each within ``limits``)."""
     paths = []
     for source in sources_for(dataset, urls, sha256):
         path = download(source, root / "downloads", progress(file_name(source.url)) if progress else None)
         if tarfile.is_tarfile(path) or zipfile.is_zipfile(path):
-            extract(path, root)
+            extract(path, root, limits)
         else:
             atomic_write_bytes(root / path.name, path.read_bytes())
         paths.append(path)

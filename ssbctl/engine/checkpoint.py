@@ -3,12 +3,14 @@
 ``RUN/checkpoints/step-00000120/`` holds ``model.safetensors`` (the unwrapped model's weights),
 ``trainer.pt`` (optimizer, scheduler, scaler and RNG states; tensors and plain containers only,
 read back with ``weights_only=True``) and ``state.json`` (step, epoch, position in the epoch).
-``RUN/checkpoints/latest`` names the newest complete one.
+``RUN/checkpoints/latest`` names the newest complete one: only a plain checkpoint name
+(``step-`` and at least 8 digits) counts, never a path; anything else there is a DataError.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,10 +19,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
-from ssbctl.errors import UserError
+from ssbctl.errors import DataError, UserError
 from ssbctl.io import atomic_write_json, atomic_write_text, fresh_dir, replace_dir
 
 CHECKPOINTS = "checkpoints"
+NAME = re.compile(r"step-[0-9]{8,}")  # what save_checkpoint names a checkpoint
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -53,13 +56,29 @@ def save_checkpoint(run_dir: Path, model: nn.Module, trainer: dict[str, Any], st
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
     root = Path(run_dir) / CHECKPOINTS
-    pointer = root / "latest"
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / "state.json").is_file():
-            return path
-    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    name = _read_latest(root / "latest")
+    if name is not None and (root / name / "state.json").is_file():
+        return root / name
+    # no pointer, or it names a checkpoint that is gone (pruned, deleted): the newest complete one
+    done = sorted((p for p in root.glob("step-*") if NAME.fullmatch(p.name) and (p / "state.json").is_file()),
+                  key=lambda p: int(p.name[5:]))
     return done[-1] if done else None
+
+
+def _read_latest(pointer: Path) -> str | None:
+    """The checkpoint name in ``pointer``, or None without one; DataError when it holds anything
+    but a checkpoint name of this run (a path elsewhere, binary garbage): resuming or evaluating
+    from a guess would be worse than stopping."""
+    if not pointer.is_file():
+        return None
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not NAME.fullmatch(name):
+        raise DataError(f"{pointer} does not name a checkpoint of this run (expected a name like step-00000120); "
+                        f"fix or delete it to use the newest complete checkpoint")
+    return name
 
 
 def find_checkpoint(run_dir: Path, name: str | None = None) -> Path:
