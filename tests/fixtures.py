@@ -108,8 +108,9 @@ def didemo(root: Path) -> Path:
     return root
 
 
-def misbehaving_decode(path: Path, sampling: dict, features: bool):
-    """The real decoder, except that it dies on ``crash.mp4`` and hangs on ``hang.mp4`` (run in a worker)."""
+def misbehaving_decode(path: Path, sampling: dict, features: bool, decoders: tuple[str, ...] | None = None):
+    """The real decoder, except that it dies on ``crash.mp4`` and hangs on ``hang.mp4`` (run in a
+    worker), whichever decoders it is asked to use."""
     import os
     import time
 
@@ -119,7 +120,7 @@ def misbehaving_decode(path: Path, sampling: dict, features: bool):
         os._exit(139)
     if path.name == "hang.mp4":
         time.sleep(600)
-    return decode_job(path, sampling, features)
+    return decode_job(path, sampling, features, decoders)
 
 
 def tiny_text_model(folder: Path, family: str) -> Path:
@@ -152,3 +153,15 @@ def tiny_text_model(folder: Path, family: str) -> Path:
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+def decord_aborts_decode(path: Path, sampling: dict, features: bool, decoders: tuple[str, ...] | None = None):
+    """The real decoder, except that the process aborts while decord would run (as decord can on
+    a file FFmpeg reads); asked for PyAV alone, it decodes (run in a worker)."""
+    import os
+
+    from ssbctl.data.decode_pool import decode_job
+
+    if decoders is None or "decord" in decoders:
+        os.abort()
+    return decode_job(path, sampling, features, decoders)

@@ -114,5 +114,7 @@ def prepare(
         for row in manifest["failed"][:20]:
             err.print(f"[yellow]skipped[/] {row['path']}: {row['reason']}")
         splits = ", ".join(f"{s} {c['videos']} videos / {c['captions']} captions" for s, c in manifest["splits"].items())
+        decoders = ", ".join(f"{name} {n}" for name, n in manifest.get("decoders", {}).items())
         out.print(f"prepared {dataset} -> {manifest['out']}\n  {splits}\n  "
-                  f"unusable videos: {manifest['counts']['failures']} (listed in failures.jsonl)")
+                  + (f"decoded by: {decoders} (per video in videos.jsonl)\n  " if decoders else "")
+                  + f"unusable videos: {manifest['counts']['failures']} (listed in failures.jsonl)")

@@ -2,7 +2,11 @@
 video (recorded as a failure), never the whole prepare. Workers also decode in parallel with
 the backbone running in the main process. They are fresh interpreters running
 ``ssbctl.data.decode_worker`` (no fork of a process holding torch's threads, and no re-import
-of the parent's main module)."""
+of the parent's main module).
+
+A video whose worker crashed or timed out is tried once more, in a fresh worker, with PyAV alone
+(decord can abort on a file that FFmpeg reads). A worker in which decord raised is replaced after
+that job: decord's failed checks may leave its process in a bad state."""
 
 from __future__ import annotations
 
@@ -10,17 +14,19 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ssbctl.data.video import DecodeError, Sampling, read_frames
+from ssbctl.data.video import DECODERS, DecodeError, Decoded, Sampling, decode_video
 
 Job = tuple[int, Path]  # (key, path)
-Result = tuple[int, np.ndarray | None, str | None]  # (key, frames or None, failure reason or None)
+Result = tuple[int, Decoded | None, str | None]  # (key, frames and their decoder or None, failure reason or None)
+Task = tuple[int, Path, tuple[str, ...] | None]  # a job and the decoders to use (None: decord, then PyAV)
+RETRY_DECODERS = ("pyav",)  # a video whose worker crashed or hung is tried once more with these
 
 
 def load_features_file(path: Path) -> np.ndarray:
@@ -45,12 +51,16 @@ def load_features_file(path: Path) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
-def decode_job(path: Path, sampling: dict[str, Any], features: bool) -> np.ndarray:
-    """What a worker does with one path: decode the sampled frames, or load the feature file."""
-    return load_features_file(path) if features else read_frames(path, Sampling(**sampling))
+def decode_job(path: Path, sampling: dict[str, Any], features: bool,
+               decoders: tuple[str, ...] | None = None) -> Decoded:
+    """What a worker does with one path: decode the sampled frames (with ``decoders``; default
+    decord, then PyAV), or load the feature file."""
+    if features:
+        return Decoded(load_features_file(path))
+    return decode_video(path, Sampling(**sampling), decoders or DECODERS)
 
 
-Work = Callable[[Path, dict[str, Any], bool], np.ndarray]
+Work = Callable[..., Decoded]  # (path, sampling, features[, decoders]) -> Decoded
 
 
 class _Slot:
@@ -66,10 +76,10 @@ class _Slot:
         self.proc.stdin.close()
         self.proc.stdout.close()
         self.send_conn.send((f"{work.__module__}:{work.__qualname__}", sampling, features))
-        self.job: Job | None = None
+        self.job: Task | None = None
         self.started = 0.0
 
-    def give(self, job: Job) -> None:
+    def give(self, job: Task) -> None:
         self.job, self.started = job, time.monotonic()
         self.send_conn.send(job)
 
@@ -98,6 +108,7 @@ class DecodePool:
                  work: Work = decode_job) -> None:
         self.sampling, self.workers, self.timeout, self.features = asdict(sampling), workers, timeout, features
         self.work = work
+        self._first_failure: dict[int, str] = {}  # key -> why its first attempt failed, while it is retried
 
     def map(self, jobs: Iterable[Job]) -> Iterator[Result]:
         """Results in completion order."""
@@ -108,7 +119,7 @@ class DecodePool:
                 except DecodeError as exc:
                     yield key, None, str(exc)
             return
-        queue = list(jobs)[::-1]
+        queue: list[Task] = [(key, path, None) for key, path in jobs][::-1]
         slots = [_Slot(self.work, self.sampling, self.features) for _ in range(min(self.workers, len(queue)))]
         try:
             for slot in slots:
@@ -117,19 +128,26 @@ class DecodePool:
             while any(s.job is not None for s in slots):
                 busy = {s.conn: s for s in slots if s.job is not None}
                 for conn in wait(list(busy), timeout=1.0):
-                    yield self._collect(busy[conn], slots, queue)
+                    result = self._collect(busy[conn], slots, queue)
+                    if result is not None:
+                        yield result
                 yield from self._expire(slots, queue)
         finally:
             for slot in slots:
                 slot.kill()
 
-    def _collect(self, slot: _Slot, slots: list[_Slot], queue: list[Job]) -> Result:
-        assert slot.job is not None
-        key = slot.job[0]
+    def _collect(self, slot: _Slot, slots: list[_Slot], queue: list[Task]) -> Result | None:
+        """The result of ``slot``'s job (None when the job went back on the queue for a retry)."""
+        task = slot.job
+        assert task is not None
         try:
-            result = slot.conn.recv()
+            key, value, reason, retire = slot.conn.recv()
         except (EOFError, ConnectionError, OSError):
-            result = (key, None, f"decoder crashed (exit code {slot.exit_code()})")
+            result = self._failed(task, f"decoder crashed (exit code {slot.exit_code()})", queue)
+            retire = True
+        else:
+            result = self._finished(key, value, reason)
+        if retire:
             self._replace(slot, slots)
             slot = slots[-1]
         slot.job = None
@@ -137,15 +155,38 @@ class DecodePool:
             slot.give(queue.pop())
         return result
 
-    def _expire(self, slots: list[_Slot], queue: list[Job]) -> Iterator[Result]:
+    def _expire(self, slots: list[_Slot], queue: list[Task]) -> Iterator[Result]:
         now = time.monotonic()
         for slot in list(slots):
             if slot.job is not None and now - slot.started > self.timeout:
-                key = slot.job[0]
+                task = slot.job
                 self._replace(slot, slots)
+                result = self._failed(task, f"decode timed out after {self.timeout:.0f} s", queue)
                 if queue:
                     slots[-1].give(queue.pop())
-                yield key, None, f"decode timed out after {self.timeout:.0f} s"
+                if result is not None:
+                    yield result
+
+    def _failed(self, task: Task, reason: str, queue: list[Task]) -> Result | None:
+        """A job's worker crashed or hung: queue it again with PyAV alone, or, when that was the
+        retry, its failure with both reasons."""
+        key, path, decoders = task
+        if decoders is None and not self.features:
+            self._first_failure[key] = reason
+            queue.append((key, path, RETRY_DECODERS))
+            return None
+        return self._finished(key, None, reason)
+
+    def _finished(self, key: int, value: Decoded | None, reason: str | None) -> Result:
+        """A job's result; a retried one also says why its first attempt failed."""
+        first = self._first_failure.pop(key, None)
+        if first is None:
+            return key, value, reason
+        retry = f"retried with {'+'.join(RETRY_DECODERS)}"
+        if value is not None:
+            why = "; ".join(r for r in (first, value.fallback_reason) if r)
+            return key, replace(value, fallback_reason=f"{why} ({retry})"), None
+        return key, None, f"{first}; {retry}: {reason}"
 
     def _replace(self, slot: _Slot, slots: list[_Slot]) -> None:
         slot.kill()

@@ -2,7 +2,10 @@
 
 It reads a setup message and then jobs from stdin and writes results to stdout, each framed and
 pickled by ``multiprocessing.connection``. Started as a plain module it imports only numpy,
-decord and this package's decoding code, not whatever the parent process had imported.
+decord, PyAV and this package's decoding code, not whatever the parent process had imported.
+
+A job is ``(key, path, decoders)``; a result is ``(key, value, reason, retire)``, where
+``retire`` asks the pool for a fresh worker (decord raised in this process).
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ def main() -> None:
             return
         if job is None:
             return
-        key, path = job
+        key, path, decoders = job
         try:
-            results.send((key, work(path, sampling, features), None))
+            value = work(path, sampling, features, *([decoders] if decoders else []))
         except DecodeError as exc:
-            results.send((key, None, str(exc)))
+            results.send((key, None, str(exc), "decord" in exc.tried))
         except Exception as exc:  # noqa: BLE001 - any decoder failure is this video's failure
-            results.send((key, None, f"decode error: {type(exc).__name__}: {str(exc)[:200]}"))
+            results.send((key, None, f"decode error: {type(exc).__name__}: {str(exc)[:200]}", True))
+        else:
+            results.send((key, value, None, getattr(value, "fallback_reason", None) is not None))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Resumable and shardable. Work goes to a hidden folder beside the output
 video appended only after its features are on disk. A prepare that is killed and run again skips
 what is done. ``--shard K/N`` (or RANK/WORLD_SIZE under torchrun) prepares every N-th video;
 the shard that finishes last merges all of them into the final store(s), rewritten in dataset
-order so that the result does not depend on sharding, interruptions or worker timing.
+order so that the result does not depend on sharding, interruptions or worker timing. Each
+video's row records the decoder that produced its frames (decord, or PyAV when decord could not
+read the file, with the reason).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ssbctl.data.datasets import DatasetOptions, Protocol, VideoItem, dataset_sp
 from ssbctl.data.datasets.shapes import ShapesSpec, generate
 from ssbctl.data.decode_pool import DecodePool, load_features_file
 from ssbctl.data.store import StoreWriter
-from ssbctl.data.video import DecodeError, Sampling
+from ssbctl.data.video import DecodeError, Decoded, Sampling
 from ssbctl.errors import DataError, UserError
 from ssbctl.io import append_jsonl, atomic_write_json, read_jsonl
 from ssbctl.paths import home
@@ -91,14 +93,15 @@ class ShardWork:
         self.done = {r["video_id"]: r for r in read_jsonl(self.log)} if self.log.is_file() else {}
         chunks = [int(p.stem.rsplit("-c", 1)[1]) for p in folder.glob("features-b0-c*.safetensors")]
         self.next_chunk = max(chunks, default=-1) + 1
-        self.pending: list[tuple[str, list[torch.Tensor]]] = []
+        self.pending: list[tuple[str, list[torch.Tensor], dict[str, Any]]] = []
 
     @property
     def failures(self) -> int:
         return sum(1 for r in self.done.values() if r["status"] == "failed")
 
-    def add(self, video_id: str, features: list[torch.Tensor]) -> None:
-        self.pending.append((video_id, features))
+    def add(self, video_id: str, features: list[torch.Tensor], source: dict[str, Any] | None = None) -> None:
+        """Queue a video's features per backbone; ``source`` (decoder, fallback_reason) goes in its row."""
+        self.pending.append((video_id, features, source or {}))
         if len(self.pending) >= self.chunk_size:
             self.flush()
 
@@ -112,9 +115,9 @@ class ShardWork:
         chunk = self.next_chunk
         for b in range(self.backbones):
             path = self.folder / f"features-b{b}-c{chunk:05d}.safetensors"
-            save_file({vid: f[b].contiguous() for vid, f in self.pending}, str(path) + ".tmp")
+            save_file({vid: f[b].contiguous() for vid, f, _ in self.pending}, str(path) + ".tmp")
             os.replace(str(path) + ".tmp", path)
-        self._record([{"video_id": vid, "status": "ok", "chunk": chunk} for vid, _ in self.pending])
+        self._record([{"video_id": vid, "status": "ok", "chunk": chunk, **source} for vid, _, source in self.pending])
         self.pending, self.next_chunk = [], chunk + 1
 
     def _record(self, rows: dict[str, Any] | list[dict[str, Any]]) -> None:
@@ -168,12 +171,12 @@ def _run_shard(items: list[VideoItem], backbones: list[Backbone], work: ShardWor
     todo = [it for it in items if it.video_id not in work.done]
     done = len(items) - len(todo)
     pool = DecodePool(opts.sampling, opts.workers, opts.timeout, opts.features)
-    for key, frames, reason in pool.map((i, it.path) for i, it in enumerate(todo)):
+    for key, decoded, reason in pool.map((i, it.path) for i, it in enumerate(todo)):
         item = todo[key]
-        if frames is not None:
+        if decoded is not None:
             try:
-                features = [_encode(b, frames, opts.features) for b in backbones]
-                work.add(item.video_id, features)
+                features = [_encode(b, decoded.frames, opts.features) for b in backbones]
+                work.add(item.video_id, features, _source(decoded))
             except ValueError as exc:
                 reason = str(exc)
         if reason is not None:
@@ -186,6 +189,14 @@ def _run_shard(items: list[VideoItem], backbones: list[Backbone], work: ShardWor
         if progress:
             progress(done, len(items))
     work.finish()
+
+
+def _source(decoded: Decoded) -> dict[str, Any]:
+    """What a store row says about where a video's frames came from."""
+    if decoded.decoder is None:
+        return {}
+    return {"decoder": decoded.decoder, **({"fallback_reason": decoded.fallback_reason}
+                                           if decoded.fallback_reason else {})}
 
 
 def _encode(backbone: Backbone, frames: Any, imported: bool) -> torch.Tensor:
@@ -234,7 +245,7 @@ def merge(dataset: str, items: list[VideoItem], backbones: list[Backbone], outs:
             if chunk not in handles:
                 handles[chunk] = safe_open(str(chunk), framework="pt")
             writer.add(item.video_id, item.split, str(item.path), handles[chunk].get_tensor(item.video_id),
-                       item.captions)
+                       item.captions, source={k: row[k] for k in ("decoder", "fallback_reason") if k in row})
         manifest = writer.commit()
         manifests.append({**manifest, "out": str(out), "failed": writer.failures})
     shutil.rmtree(root, ignore_errors=True)

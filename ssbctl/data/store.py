@@ -2,9 +2,10 @@
 
 Layout (``FORMAT_VERSION`` 1)::
 
-    manifest.json                dataset, backbone, sampling, splits, counts, shards, format_version
+    manifest.json                dataset, backbone, sampling, splits, counts, decoders, shards, format_version
     features-00000.safetensors   one (T, dim) float tensor per video id
-    videos.jsonl                 video_id, split, path, num_frames, shard
+    videos.jsonl                 video_id, split, path, num_frames, shard, decoder (decord or pyav;
+                                 with fallback_reason when decord could not be used)
     captions.jsonl               video_id, caption, split
     failures.jsonl               video_id, path, reason (videos that could not be used)
 
@@ -46,11 +47,13 @@ class StoreWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._shards: list[str] = []
 
-    def add(self, video_id: str, split: str, path: str, features: torch.Tensor, captions: list[str]) -> None:
-        """Record one decoded video, its ``(T, dim)`` features and its captions."""
+    def add(self, video_id: str, split: str, path: str, features: torch.Tensor, captions: list[str],
+            source: dict[str, Any] | None = None) -> None:
+        """Record one decoded video, its ``(T, dim)`` features and its captions; ``source`` says
+        which decoder produced its frames (``decoder``, ``fallback_reason``)."""
         self._pending[video_id] = features.contiguous().float()
         self.videos.append({"video_id": video_id, "split": split, "path": path,
-                            "num_frames": int(features.shape[0]), "shard": len(self._shards)})
+                            "num_frames": int(features.shape[0]), "shard": len(self._shards), **(source or {})})
         self.captions.extend({"video_id": video_id, "caption": c, "split": split} for c in captions)
         if len(self._pending) >= self.shard_size:
             self._flush()
@@ -81,6 +84,7 @@ class StoreWriter:
                        for s, n in sorted(splits.items())},
             "counts": {"videos": len(self.videos), "captions": len(self.captions),
                        "failures": len(self.failures)},
+            "decoders": dict(sorted(Counter(v["decoder"] for v in self.videos if "decoder" in v).items())),
             "shards": self._shards,
         }
         atomic_write_text(self.tmp / "videos.jsonl", jsonl_text(self.videos))

@@ -1,17 +1,33 @@
-"""Decoding videos with decord and choosing which frames to keep."""
+"""Decoding videos and choosing which frames to keep.
+
+decord decodes first (it seeks straight to the sampled frames). It fails on some valid files
+(decord 0.6.0 rejects frames of some widths, such as 16, 24, 48 or 72 pixels, with
+``Check failed: from_size == to_size``) and trusts the container's frame count, so when it raises
+or returns frames of the wrong count or layout the file is decoded again with PyAV (FFmpeg):
+sequentially, picking the same frame indices, counted by decoding rather than from the header.
+Both give RGB ``uint8`` ``(T, H, W, 3)``; :class:`Decoded` says which one produced the frames.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable
 
 import numpy as np
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
+DECODERS = ("decord", "pyav")  # tried in this order
 
 
 class DecodeError(Exception):
-    """A video could not be read; the message is the reason recorded in failures.jsonl."""
+    """A video could not be read; the message is the reason recorded in failures.jsonl.
+    ``tried`` names the decoders that ran and failed."""
+
+    def __init__(self, reason: str, tried: tuple[str, ...] = ()) -> None:
+        super().__init__(reason)
+        self.tried = tried
 
 
 @dataclass(frozen=True)
@@ -44,23 +60,137 @@ class Sampling:
         return [int(i) for i in np.minimum(edges.astype(np.int64), total - 1)]
 
 
-def read_frames(path: Path, sampling: Sampling) -> np.ndarray:
-    """Decode the sampled frames of ``path`` as uint8 ``(T, H, W, 3)``; raise DecodeError."""
+@dataclass(frozen=True)
+class Decoded:
+    """The sampled frames of one video (or a pre-extracted feature array) and where they came from.
+
+    ``decoder`` is ``"decord"`` or ``"pyav"`` (None for imported features); ``fallback_reason``
+    says why decord's frames were not used when PyAV produced them."""
+
+    frames: np.ndarray
+    decoder: str | None = None
+    fallback_reason: str | None = None
+
+
+def _first_line(exc: BaseException | None) -> str:
+    """The first line of an error's message, without decord's ``[hh:mm:ss] file.cc:123:`` prefix."""
+    lines = str(exc).strip().splitlines() if exc is not None else []
+    return (re.sub(r"^\[[\d:]+\]\s*\S+:\d+:\s*", "", lines[0]) if lines else type(exc).__name__)[:200]
+
+
+def _check(frames: np.ndarray, count: int) -> np.ndarray:
+    """``frames`` if it is ``count`` RGB uint8 frames of one size; else DecodeError."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != count or frames.shape[3] != 3 \
+            or 0 in frames.shape:
+        raise DecodeError(f"unexpected frame array of shape {frames.shape} ({frames.dtype}), wanted {count} frames")
+    return frames
+
+
+def read_decord(path: Path, sampling: Sampling) -> np.ndarray:
+    """The sampled frames as decord decodes them (frame count and rate from the container)."""
     import decord
 
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        total = len(reader)
+        indices = sampling.indices(total, reader.get_avg_fps())
+        frames = reader.get_batch(indices).asnumpy() if indices else np.zeros((0, 0, 0, 3), np.uint8)
+    except Exception as exc:  # noqa: BLE001 - decord raises RuntimeError, DECORDError, AssertionError...
+        raise DecodeError(_first_line(exc)) from None
+    if not indices:
+        raise DecodeError("no video frames")
+    return _check(frames, len(indices))
+
+
+def _native_fps(stream: Any) -> float:
+    """Average frame rate of a PyAV stream, as decord reports it (the container's average rate)."""
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate:
+            return float(rate)
+    return 0.0
+
+
+def _decode_picks(path: Path, wanted: Iterable[int]) -> tuple[dict[int, np.ndarray], int]:
+    """Decode every frame of ``path``'s first video stream in presentation order; return the RGB
+    frames at the ``wanted`` indices and the number of frames decoded. A packet FFmpeg cannot
+    decode is skipped, as the ``ffmpeg`` tool does; DecodeError when no frame decodes at all."""
+    import av
+
+    wanted, picks, count, size, error = set(wanted), {}, 0, None, None
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as exc:
+                error = error or exc
+                continue
+            for frame in frames:
+                size = size or (frame.width, frame.height)  # a stream that changes size keeps the first
+                if count in wanted:
+                    picks[count] = frame.to_ndarray(format="rgb24", width=size[0], height=size[1])
+                count += 1
+    if count == 0:
+        raise DecodeError(_first_line(error) if error is not None else "no video frames")
+    return picks, count
+
+
+def _declared_frames(container: Any, stream: Any) -> int:
+    """The frame count the container declares, else its packet count (demuxed, not decoded)."""
+    if stream.frames > 0:
+        return int(stream.frames)
+    return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def read_pyav(path: Path, sampling: Sampling) -> np.ndarray:
+    """The sampled frames as PyAV decodes them: the same indices as decord's for the same frame
+    count, with the count established by decoding. One decoding pass when the container's count
+    is right; a second when it was wrong and the first pass missed a sampled frame."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DecodeError("no video stream")
+            stream = container.streams.video[0]
+            fps, declared = _native_fps(stream), _declared_frames(container, stream)
+        picks, total = _decode_picks(path, sampling.indices(declared, fps))
+        indices = sampling.indices(total, fps)
+        if any(i not in picks for i in indices):
+            picks, total = _decode_picks(path, indices)
+            indices = sampling.indices(total, fps)
+    except DecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - av.FFmpegError, and whatever a broken file provokes
+        raise DecodeError(_first_line(exc)) from None
+    if any(i not in picks for i in indices):
+        raise DecodeError("the frame count changed between two decodes")
+    return _check(np.stack([picks[i] for i in indices]), len(indices))
+
+
+READERS = {"decord": read_decord, "pyav": read_pyav}
+
+
+def decode_video(path: Path, sampling: Sampling, decoders: tuple[str, ...] = DECODERS) -> Decoded:
+    """The sampled frames of ``path`` from the first of ``decoders`` that reads it; DecodeError
+    with every decoder's reason when none does."""
     path = Path(path)
     if not path.is_file():
         raise DecodeError("missing file")
     if path.stat().st_size == 0:
         raise DecodeError("empty file")
-    try:
-        reader = decord.VideoReader(str(path), num_threads=1)
-        total = len(reader)
-        if total == 0:
-            raise DecodeError("no video frames")
-        frames = reader.get_batch(sampling.indices(total, reader.get_avg_fps())).asnumpy()
-    except (RuntimeError, decord.DECORDError) as exc:
-        raise DecodeError(f"decode error: {str(exc).strip().splitlines()[0][:200]}") from None
-    if frames.ndim != 4 or frames.shape[0] == 0:
-        raise DecodeError(f"unexpected frame array of shape {frames.shape}")
-    return frames
+    reasons = []
+    for name in decoders:
+        try:
+            frames = READERS[name](path, sampling)
+        except DecodeError as exc:
+            reasons.append(f"{name}: {exc}")
+            continue
+        return Decoded(frames, name, "; ".join(reasons) or None)
+    raise DecodeError(f"decode error: {'; '.join(reasons)}", tuple(decoders))
+
+
+def read_frames(path: Path, sampling: Sampling) -> np.ndarray:
+    """Decode the sampled frames of ``path`` as uint8 ``(T, H, W, 3)``; raise DecodeError."""
+    return decode_video(path, sampling).frames

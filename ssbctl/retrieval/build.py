@@ -27,7 +27,8 @@ def index_store(run: LoadedRun, store: FeatureStore, splits: list[str] | None = 
     embeddings = embed_features(run.model, store.load_experts(videos), run.device)
     records, thumbs = [], {}
     for v in videos:
-        record = {"video_id": v["video_id"], "path": v["path"], "split": v["split"]}
+        record = {"video_id": v["video_id"], "path": v["path"], "split": v["split"],
+                  **({"decoder": v["decoder"]} if "decoder" in v else {})}
         png = _thumbnail(v["path"]) if thumbnails and v["path"] else None
         if png is not None:
             record["thumb"] = thumb_name(Path(v["path"]))

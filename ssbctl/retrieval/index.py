@@ -62,7 +62,7 @@ class Index:
     """Embeddings of a set of videos plus where each came from."""
 
     embeddings: torch.Tensor  # (N, D)
-    videos: list[dict[str, Any]]  # video_id, path, split[, size, mtime_ns, thumb]
+    videos: list[dict[str, Any]]  # video_id, path, split[, size, mtime_ns, thumb, decoder]
     meta: dict[str, Any] = field(default_factory=dict)  # run, checkpoint, ...
     thumbs: dict[str, bytes] = field(default_factory=dict)  # new thumbnails (PNG) by file name
     thumbs_from: Path | None = None  # folder holding the thumbnails of earlier rows

@@ -57,24 +57,30 @@ class VideoEmbedder:
         specs = read_expert_specs(run.run_dir)
         self.backbones = [_backbone(s["backbone"], run.device.type) for s in specs]
         self.samplings = [Sampling(**s["sampling"]) for s in specs]
+        self.decoders: dict[int, str] = {}  # set by features(): which decoder read each path (decord, pyav)
 
     def features(self, paths: list[Path], progress: Progress | None = None
                  ) -> Iterator[tuple[int, list[torch.Tensor] | None, str | None, bytes | None]]:
-        """Per path: its features per expert (or None and the reason) and a thumbnail."""
+        """Per path: its features per expert (or None and the reason) and a thumbnail. Which
+        decoder read each path lands in ``self.decoders`` (joined with ``+`` when experts differ)."""
         per_expert: list[dict[int, Any]] = []
         thumbs: dict[int, bytes] = {}
+        used: dict[int, list[str]] = {}
         for e, (backbone, sampling) in enumerate(zip(self.backbones, self.samplings)):
             results: dict[int, Any] = {}
-            for n, (key, frames, reason) in enumerate(DecodePool(sampling, self.workers).map(enumerate(paths)), 1):
-                if frames is None:
+            for n, (key, decoded, reason) in enumerate(DecodePool(sampling, self.workers).map(enumerate(paths)), 1):
+                if decoded is None:
                     results[key] = reason
                     continue
+                frames = decoded.frames
                 results[key] = backbone.encode(frames)
+                used.setdefault(key, []).append(str(decoded.decoder))
                 if e == 0:
                     thumbs[key] = thumbnail_png(frames[len(frames) // 2])
                 if progress and e == len(self.backbones) - 1:
                     progress(n, len(paths))
             per_expert.append(results)
+        self.decoders = {k: "+".join(dict.fromkeys(names)) for k, names in used.items()}
         for i in range(len(paths)):
             reasons = [r[i] for r in per_expert if isinstance(r[i], str)]
             if reasons:
@@ -123,7 +129,8 @@ def index_videos(run: LoadedRun, folder: Path, out: Path, dtype: torch.dtype = t
         stat = path.stat()
         new_feats.append(feats)
         new_rows.append({"video_id": str(path.relative_to(folder.resolve()).with_suffix("")), "path": str(path),
-                         "split": "", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "thumb": thumb_name(path)})
+                         "split": "", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "thumb": thumb_name(path),
+                         "decoder": embedder.decoders[i] if embedder else ""})
         thumbs[thumb_name(path)] = thumb
     parts = [old.embeddings[keep].float()] if keep and old is not None else []
     if embedder is not None and new_feats:
