@@ -1,7 +1,8 @@
 """Checkpoints: each one a folder written whole under a temp name and then renamed.
 
 ``RUN/checkpoints/step-00000120/`` holds ``model.safetensors`` (the unwrapped model's weights),
-``trainer.pt`` (optimizer, scheduler, scaler and RNG states; tensors and plain containers only,
+``trainer.pt`` (optimizer, scheduler, scaler and RNG states, and the optimizer's parameter names per
+group, so a resume matches its state by name; tensors and plain containers only,
 read back with ``weights_only=True``) and ``state.json`` (step, epoch, position in the epoch).
 ``RUN/checkpoints/latest`` names the newest complete one.
 """

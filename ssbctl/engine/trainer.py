@@ -81,7 +81,8 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _param_groups(model: SSBModel, legacy: bool = False) -> dict[tuple[bool, bool], list[tuple[str, torch.nn.Parameter]]]:
+def _param_groups(model: SSBModel,
+                  legacy: bool = False) -> dict[tuple[bool, bool], list[tuple[str, torch.nn.Parameter]]]:
     """Trainable ``(name, parameter)`` pairs by (pretrained text backbone, exempt from decay), in
     the optimizer's group order. ``legacy``: as checkpoints without ``param_names`` grouped them,
     when every parameter outside the text encoder was trained (the temperature under max-margin
