@@ -1,10 +1,13 @@
-"""Builders of small datasets in their publishers' real layouts, with generated video files."""
+"""Builders of small datasets in their publishers' real layouts, with generated video files, tiny
+random stand-ins (text models, feature stores), and helpers shared by the tests that launch processes."""
 
 from __future__ import annotations
 
 import json
 import pickle
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,8 +126,9 @@ def misbehaving_decode(path: Path, sampling: dict, features: bool, decoders: tup
     return decode_job(path, sampling, features, decoders)
 
 
-def tiny_text_model(folder: Path, family: str) -> Path:
-    """A random 1-layer text model of ``family`` (bert, t5, clip) with a small word-level tokenizer."""
+def tiny_text_model(folder: Path, family: str, dropout: float | None = None) -> Path:
+    """A random 1-layer text model of ``family`` (bert, t5, clip) with a small word-level tokenizer;
+    ``dropout`` replaces the family's default dropout rates (0.0: deterministic outputs)."""
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -140,6 +144,9 @@ def tiny_text_model(folder: Path, family: str) -> Path:
                                                 bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)
     common = dict(vocab_size=len(vocab), pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    rates = {"t5": ("dropout_rate",), "clip": ("attention_dropout",),
+             "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob")}[family]
+    common.update({} if dropout is None else dict.fromkeys(rates, dropout))
     if family == "t5":
         model = transformers.T5EncoderModel(transformers.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=1,
                                                                   num_heads=2, decoder_start_token_id=0, **common))
@@ -165,3 +172,111 @@ def decord_aborts_decode(path: Path, sampling: dict, features: bool, decoders: t
     if decoders is None or "decord" in decoders:
         os.abort()
     return decode_job(path, sampling, features, decoders)
+
+
+CAPTION_WORDS = {  # all in tiny_text_model's vocabulary
+    "size": ["small", "large", "big", "little", "tiny"],
+    "colour": ["red", "green", "blue", "yellow", "purple", "white"],
+    "shape": ["circle", "ball", "square", "box", "triangle", "cross"],
+    "motion": ["moves to the left", "moves to the right", "moves up", "moves down", "grows", "shrinks", "spins"],
+}
+
+
+def random_stores(roots: list[Path], dims: list[int], splits: dict[str, int], captions_per_video: int = 2,
+                  max_frames: int = 6, seed: int = 0) -> list[Path]:
+    """Prepared stores of random features, one per expert (``roots[e]`` with ``dims[e]``-d frames),
+    for the same videos: ``splits`` maps split -> number of videos; each video gets 1..max_frames
+    frames and ``captions_per_video`` captions made of tiny_text_model's words."""
+    import torch
+
+    from ssbctl.data.backbones import ImportedFeatures
+    from ssbctl.data.store import StoreWriter
+    from ssbctl.data.video import Sampling
+
+    rng = np.random.default_rng(seed)
+    writers = [StoreWriter(root, "random", ImportedFeatures(dim, "random"), Sampling(num_frames=max_frames))
+               for root, dim in zip(roots, dims)]
+    gen = torch.Generator().manual_seed(seed)
+    for split, count in splits.items():
+        for i in range(count):
+            vid, frames = f"{split}-{i:03d}", int(rng.integers(1, max_frames + 1))
+            captions = [" ".join(["a", *(str(rng.choice(words)) for words in CAPTION_WORDS.values())])
+                        for _ in range(captions_per_video)]
+            for writer, dim in zip(writers, dims):
+                writer.add(vid, split, f"{vid}.mp4", torch.randn(frames, dim, generator=gen), captions)
+    for writer in writers:
+        writer.commit()
+    return roots
+
+
+def write_recipe(path: Path, overrides: list[str], recipe: str = "shapes") -> Path:
+    """A recipe file equal to the shipped ``recipe`` with ``overrides``, as a user would write it."""
+    from ssbctl.config import deep_merge, dump_toml, parse_override, read_toml
+    from ssbctl.paths import find_config
+
+    raw = read_toml(find_config("recipes", recipe))
+    for item in overrides:
+        raw = deep_merge(raw, parse_override(item))
+    path.write_text(dump_toml(raw, f"# Launch:\n#   ssbctl train --recipe {path}"))
+    return path
+
+
+def children(pid: int) -> list[int]:
+    """Child process ids of ``pid`` (Linux /proc)."""
+    return [int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()]
+
+
+def communicate_or_reap(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``proc.communicate``; on a timeout (ranks hung in a collective) kill its whole tree first."""
+    import contextlib
+    import os
+    import signal
+
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree, todo = [], [proc.pid]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += children(pid)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise
+
+
+class GradientRecorder:
+    """A trainer reporter that keeps each step's gradients (as the optimizer used them: averaged
+    over ranks and clipped) in float64, and saves them to ``path`` when training stops."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.module: Any = None  # the trainer's unwrapped model, set once the trainer exists
+        self.steps: dict[int, dict[str, Any]] = {}
+
+    def start(self, total: int, done: int) -> None: ...
+    def note(self, text: str) -> None: ...
+
+    def step(self, step: int, terms: dict[str, float] | None, clips_per_s: float) -> None:
+        import torch
+
+        self.steps[step] = {name: p.grad.detach().to(torch.float64).clone()
+                            for name, p in self.module.named_parameters() if p.grad is not None}
+
+    def stop(self) -> None:
+        import torch
+
+        torch.save(self.steps, self.path)
+
+
+def train_recording_gradients(recipe: str, overrides: list[str], run_dir: Path, grads: Path) -> dict[str, Any]:
+    """Train the shipped ``recipe`` with ``overrides`` into ``run_dir``; rank 0 saves every
+    step's gradients to ``grads``. Runs alike in one process and under torchrun."""
+    from ssbctl.config import load_recipe
+    from ssbctl.engine.trainer import Trainer
+
+    recorder = GradientRecorder(grads)
+    trainer = Trainer(load_recipe(recipe, overrides), Path(run_dir), reporter=recorder)
+    recorder.module = trainer.module
+    return trainer.fit()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -19,7 +18,9 @@ from ssbctl.config import load_recipe
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.engine.trainer import train
 from ssbctl.io import read_jsonl
-from test_train import _write_recipe
+from fixtures import children as _children
+from fixtures import communicate_or_reap as _communicate_or_reap
+from fixtures import write_recipe as _write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -104,26 +105,6 @@ def _workers(launcher: int) -> dict[int, int]:
             env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
             found[int(env["RANK"])] = pid
     return found
-
-
-def _children(pid: int) -> list[int]:
-    return [int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()]
-
-
-def _communicate_or_reap(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
-    """``proc.communicate``; on a timeout (ranks hung in a collective) kill its whole tree first."""
-    try:
-        return proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        tree, todo = [], [proc.pid]
-        while todo:
-            pid = todo.pop()
-            tree.append(pid)
-            todo += _children(pid)
-        for pid in tree:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        raise
 
 
 def _launch_until_checkpoint(args: list[str], run: Path, after_step: int) -> tuple[subprocess.Popen, int]:

@@ -1,4 +1,5 @@
-"""Every shipped model config builds (at tiny size) with a text model of its family and trains a step."""
+"""Every shipped model config builds (at tiny size) with a text model of its family and trains a
+step, under each contrastive loss and support mask, with every trainable parameter used."""
 
 from __future__ import annotations
 
@@ -15,30 +16,48 @@ from ssbctl.model.ssb import build_model
 from ssbctl.paths import shipped_configs
 
 FAMILY = {"t5": "t5", "clip": "clip"}
+CAPTIONS = ["a red circle moves to the left", "a big blue box spins", "a person cooks", "a man cooks"]
 
 
 def _family(pretrained: str) -> str:
     return next((f for key, f in FAMILY.items() if key in pretrained), "bert")
 
 
+@pytest.fixture(scope="module")
+def text_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny random text model per family, built once for the module."""
+    root = tmp_path_factory.mktemp("text_models")
+    return {family: fixtures.tiny_text_model(root / family, family) for family in ("bert", "t5", "clip")}
+
+
+@pytest.mark.parametrize("mask", ["config", "none", "identity", "full"])
+@pytest.mark.parametrize("contrastive", ["infonce", "max_margin"])
 @pytest.mark.parametrize("name", sorted(shipped_configs("models")))
-def test_model_config_builds_at_tiny_size_and_takes_a_step(name: str, tmp_path: Path) -> None:
+def test_model_config_builds_at_tiny_size_and_every_trainable_parameter_learns(
+        name: str, contrastive: str, mask: str, text_models: dict[str, Path]) -> None:
+    """DistributedDataParallel fails the second step when a trainable parameter gets no gradient
+    from the objective, so every one must get a gradient under every loss and mask (the learned
+    temperature once got none under max-margin, which every real-dataset recipe uses). One that
+    can only ever get an exactly-zero gradient is dead weight and must be frozen instead."""
     cfg = load_model_config(name)
-    text_dir = fixtures.tiny_text_model(tmp_path / "text", _family(cfg.text.pretrained))
+    support = cfg.support if mask == "config" else dataclasses.replace(cfg.support, mask=mask)
     tiny = dataclasses.replace(
-        cfg, embed_dim=16,
+        cfg, embed_dim=16, support=support,
         video=dataclasses.replace(cfg.video, hidden_dim=16, layers=1, heads=2),
-        text=dataclasses.replace(cfg.text, pretrained=str(text_dir), max_tokens=12),
+        text=dataclasses.replace(cfg.text, pretrained=str(text_models[_family(cfg.text.pretrained)]), max_tokens=12),
         decoder=dataclasses.replace(cfg.decoder, hidden_dim=16, layers=1, heads=2))
-    captions = ["a red circle moves to the left", "a big blue box spins", "a person cooks"]
-    model, tokenizer, resolved = build_model(tiny, LossConfig(), (24,), captions)
-    assert resolved.video.input_dims == (24,)
-    items = [([torch.randn(5, 24)], c, i) for i, c in enumerate(captions)]
+    torch.manual_seed(0)
+    model, tokenizer, resolved = build_model(tiny, LossConfig(contrastive=contrastive), (24, 12), CAPTIONS)
+    assert resolved.video.input_dims == (24, 12)
+    items = [([torch.randn(5, 24), torch.randn(3, 12)], c, i // 2) for i, c in enumerate(CAPTIONS)]
     batch = Collate(tokenizer, 12)(items)
     terms = model(batch)
-    assert torch.isfinite(terms["loss"]) and ("caption_loss" in terms) == (cfg.support.mask != "none")
+    assert torch.isfinite(terms["loss"]) and ("caption_loss" in terms) == (support.mask != "none")
     terms["loss"].backward()
     assert model.text.proj.weight.grad is not None
-    # DistributedDataParallel fails at the second step if a trainable parameter gets no gradient.
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert not unused, unused
+    assert not unused, f"trainable but no gradient (DDP would fail the second step): {unused}"
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and not p.grad.abs().sum()]
+    assert not dead, f"trainable but an exactly-zero gradient: {dead}"
+    assert model.log_logit_scale.requires_grad == (contrastive == "infonce")
+    assert (model.temperature is None) == (contrastive == "max_margin")

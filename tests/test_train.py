@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ssbctl.config import deep_merge, dump_toml, load_recipe, parse_override, read_toml
-from ssbctl.paths import find_config
+from ssbctl.config import load_recipe
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.engine.trainer import SilentReporter, Trainer, lr_factor, train
 from ssbctl.errors import UserError
 from ssbctl.io import read_jsonl
+from fixtures import write_recipe as _write_recipe
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -98,15 +98,6 @@ def test_fresh_run_refuses_a_folder_with_checkpoints_and_resume_needs_one(tiny_r
     train(recipe, tmp_path / "run")
     with pytest.raises(UserError, match="already has checkpoints"):
         Trainer(recipe, tmp_path / "run")
-
-
-def _write_recipe(path: Path, overrides: list[str]) -> Path:
-    """A recipe file equal to the shapes recipe with ``overrides``, as a user would write it."""
-    raw = read_toml(find_config("recipes", "shapes"))
-    for item in overrides:
-        raw = deep_merge(raw, parse_override(item))
-    path.write_text(dump_toml(raw, f"# Launch:\n#   ssbctl train --recipe {path}"))
-    return path
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_recipe_args, tmp_path: Path) -> None:

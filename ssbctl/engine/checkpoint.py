@@ -1,7 +1,8 @@
 """Checkpoints: each one a folder written whole under a temp name and then renamed.
 
 ``RUN/checkpoints/step-00000120/`` holds ``model.safetensors`` (the unwrapped model's weights),
-``trainer.pt`` (optimizer, scheduler, scaler and RNG states; tensors and plain containers only,
+``trainer.pt`` (optimizer, scheduler, scaler and RNG states, and the optimizer's parameter names per
+group, so a resume matches its state by name; tensors and plain containers only,
 read back with ``weights_only=True``) and ``state.json`` (step, epoch, position in the epoch).
 ``RUN/checkpoints/latest`` names the newest complete one: only a plain checkpoint name
 (``step-`` and at least 8 digits) counts, never a path; anything else there is a DataError.
@@ -109,3 +110,27 @@ def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]
     trainer = torch.load(Path(checkpoint) / "trainer.pt", map_location="cpu", weights_only=True)
     state = json.loads((Path(checkpoint) / "state.json").read_text())
     return trainer, state
+
+
+def remap_optimizer_state(saved: dict[str, Any], saved_names: list[list[str]], names: list[list[str]],
+                          checkpoint: Path) -> dict[str, Any]:
+    """A saved optimizer state re-indexed, by parameter name, for an optimizer over ``names``.
+
+    ``saved_names`` names the saved state's parameters group by group. A parameter trained then
+    but frozen now (the temperature of a run resumed under max-margin, say) is dropped; one
+    trained now but not then starts with fresh moments. Group settings (learning rates) are kept.
+    """
+    groups = saved["param_groups"]
+    if len(groups) != len(names) or [len(g["params"]) for g in groups] != [len(n) for n in saved_names]:
+        raise UserError(f"{checkpoint}: the optimizer state does not fit the model's parameters")
+    index = {name: i for group, group_names in zip(groups, saved_names)
+             for i, name in zip(group["params"], group_names)}
+    state: dict[int, Any] = {}
+    new_groups, k = [], 0
+    for group, group_names in zip(groups, names):
+        for name in group_names:
+            if index.get(name) in saved["state"]:
+                state[k] = saved["state"][index[name]]
+            k += 1
+        new_groups.append({**group, "params": list(range(k - len(group_names), k))})
+    return {"state": state, "param_groups": new_groups}

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from ssbctl.config import Recipe, TrainConfig
 from ssbctl.data.loader import Collate, EpochBatchSampler, PairDataset
 from ssbctl.engine.accumulate import accumulated_backward
-from ssbctl.engine.checkpoint import latest_checkpoint, load_trainer_state, load_weights, save_checkpoint
+from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, remap_optimizer_state,
+                                      save_checkpoint)
 from ssbctl.engine.distributed import any_rank, average_gradients, barrier, gather_objects, setup
 from ssbctl.engine.run import build_run_model, read_run_recipe, write_recipe, write_run_files
 from ssbctl.errors import TrainingError, UserError
@@ -80,17 +81,31 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _param_groups(model: SSBModel,
+                  legacy: bool = False) -> dict[tuple[bool, bool], list[tuple[str, torch.nn.Parameter]]]:
+    """Trainable ``(name, parameter)`` pairs by (pretrained text backbone, exempt from decay), in
+    the optimizer's group order. ``legacy``: as checkpoints without ``param_names`` grouped them,
+    when every parameter outside the text encoder was trained (the temperature under max-margin
+    and the identity mask's query and key included)."""
+    groups: dict[tuple[bool, bool], list[tuple[str, torch.nn.Parameter]]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad or (legacy and not name.startswith("text.")):
+            key = (name.startswith("text.backbone."), p.ndim < 2)
+            groups.setdefault(key, []).append((name, p))
+    return dict(sorted(groups.items()))
+
+
+def optimizer_param_names(model: SSBModel, legacy: bool = False) -> list[list[str]]:
+    """The names of :func:`build_optimizer`'s parameters, group by group (saved with its state)."""
+    return [[name for name, _ in ps] for ps in _param_groups(model, legacy).values()]
+
+
 def build_optimizer(model: SSBModel, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; the pretrained text backbone at ``text_lr``; no decay on biases, norms, scales."""
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            key = (name.startswith("text.backbone."), p.ndim < 2)
-            groups.setdefault(key, []).append(p)
     return torch.optim.AdamW(
-        [{"params": ps, "lr": cfg.text_lr if pretrained else cfg.lr,
+        [{"params": [p for _, p in ps], "lr": cfg.text_lr if pretrained else cfg.lr,
           "weight_decay": 0.0 if no_decay else cfg.weight_decay}
-         for (pretrained, no_decay), ps in sorted(groups.items())])
+         for (pretrained, no_decay), ps in _param_groups(model).items()])
 
 
 def rng_states() -> dict[str, Any]:
@@ -179,7 +194,9 @@ class Trainer:
     def _restore(self, checkpoint: Path) -> None:
         load_weights(self.module, checkpoint)
         trainer, state = load_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(trainer["optimizer"])
+        saved_names = trainer.get("param_names") or optimizer_param_names(self.module, legacy=True)
+        self.optimizer.load_state_dict(remap_optimizer_state(
+            trainer["optimizer"], saved_names, optimizer_param_names(self.module), checkpoint))
         self.scheduler.load_state_dict(trainer["scheduler"])
         self.scaler.load_state_dict(trainer["scaler"])
         rng = trainer["rng"]
@@ -210,7 +227,8 @@ class Trainer:
         rng = gather_objects(rng_states())
         if self.dist.is_main:
             trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                       "scaler": self.scaler.state_dict(), "rng": rng}
+                       "scaler": self.scaler.state_dict(), "rng": rng,
+                       "param_names": optimizer_param_names(self.module)}
             save_checkpoint(self.run_dir, self.module, trainer,
                             {"step": self.state.step, "world": self.dist.world,
                              "trainer": dataclasses.asdict(self.state)}, self.cfg.keep_checkpoints)
@@ -336,8 +354,9 @@ class Trainer:
         if not self.dist.is_main:
             return
         row = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.scheduler.get_last_lr()[-1],
-               **terms, "temperature": float(torch.exp(-self.module.log_logit_scale.detach())),
-               "clips_per_s": clips_per_s * self.dist.world, "data_wait": data_wait, "time": time.time()}
+               **terms, "clips_per_s": clips_per_s * self.dist.world, "data_wait": data_wait, "time": time.time()}
+        if self.module.temperature is not None:  # InfoNCE's learned temperature; max-margin has none
+            row["temperature"] = self.module.temperature
         if self.scaler.is_enabled():
             row["loss_scale"] = self.scaler.get_scale()
         append_jsonl(self.run_dir / METRICS_FILE, row)

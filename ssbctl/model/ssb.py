@@ -49,7 +49,11 @@ class Batch:
 
 class SSBModel(nn.Module):
     """Video encoder, text encoder, learned temperature, and (unless the mask is ``none``) the
-    support-set bottleneck with its caption decoder. ``forward`` returns named loss terms."""
+    support-set bottleneck with its caption decoder. ``forward`` returns named loss terms.
+
+    Every parameter that requires grad gets a gradient from the configured objective: under
+    DistributedDataParallel one that gets none fails the second step.
+    """
 
     def __init__(self, cfg: ModelConfig, loss: LossConfig, text_backbone: nn.Module,
                  tokenizer_size: int, vocab: torch.Tensor | None = None) -> None:
@@ -57,13 +61,23 @@ class SSBModel(nn.Module):
         self.cfg = cfg
         self.video = VideoEncoder(cfg.video, cfg.embed_dim)
         self.text = TextEncoder(cfg.text, cfg.embed_dim, text_backbone)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / loss.init_temperature)))
+        # Only InfoNCE uses the temperature. Under max-margin it stays in the weights (checkpoints
+        # keep one layout whatever the loss) but is frozen, so nothing expects a gradient for it.
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / loss.init_temperature)),
+                                            requires_grad=loss.contrastive == "infonce")
         self.loss = SSBLoss(loss)
         self.support: SupportSetBottleneck | None = None
         self.decoder: CaptionDecoder | None = None
         if cfg.support.mask != "none":
             self.support = SupportSetBottleneck(cfg.support, cfg.embed_dim, cfg.decoder.hidden_dim)
             self.decoder = CaptionDecoder(cfg.decoder, tokenizer_size, cfg.text.max_tokens, vocab)
+
+    @property
+    def temperature(self) -> float | None:
+        """The learned InfoNCE temperature (unclamped); None when the contrastive loss has none."""
+        if self.loss.cfg.contrastive != "infonce":
+            return None
+        return float(torch.exp(-self.log_logit_scale.detach()))
 
     def encode_video(self, features: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
         """L2-normalised video embeddings ``(B, D)``."""

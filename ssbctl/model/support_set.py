@@ -45,6 +45,11 @@ class SupportSetBottleneck(nn.Module):
         self.key = nn.Linear(embed_dim, embed_dim)
         self.value = nn.Linear(embed_dim, cfg.slots * memory_dim)
         self.memory_dim = memory_dim
+        if cfg.mask == "identity":
+            # Each query attends to itself alone, so the weights are 1 whatever q and k are: their
+            # gradient is exactly zero. Frozen, they are not trained (nor weight-decayed) for nothing.
+            self.query.requires_grad_(False)
+            self.key.requires_grad_(False)
 
     def attention(self, video: torch.Tensor, video_ids: torch.Tensor, support: torch.Tensor | None = None,
                   support_ids: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
