@@ -1,5 +1,5 @@
 """Command-line usage mistakes print click's short usage message and exit 2, never a traceback,
-whichever click typer runs on (its vendored copy since typer 0.2x, the click package before)."""
+whichever click typer runs on (the vendored copy of recent typer, the click package before)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Usage mistakes (an unknown command or option, a missing argument, a value of the wrong type)
 print click's short usage message and exit 2. ``ssbctl`` alone prints the help and exits as click
-does for a group called without a command: 2 under click 8.2 and later (and typer 0.2x, whose
+does for a group called without a command: 2 under click 8.2 and later (and recent typer, whose
 vendored click follows it), 0 before.
 """
 
@@ -49,7 +49,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_print_ver
 
 def _loaded_click_classes(name: str, typer_class: type[BaseException]) -> tuple[type[BaseException], ...]:
     """The classes called ``name`` that a command line can raise: the one in ``typer_class``'s MRO
-    (typer's vendored click since typer 0.2x, the click package before) and, when something
+    (the vendored click of recent typer, 0.29 here; the click package before) and, when something
     loaded the click package, click's own. Found, not imported: ssbctl does not depend on click."""
     found = [next(c for c in typer_class.__mro__ if c.__name__ == name)]
     click = sys.modules.get("click")
