@@ -225,7 +225,15 @@ def main() -> None:
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("device_check: CUDA is not available")
-    work = Path(tempfile.mkdtemp(prefix="ssb-device-"))
+    with tempfile.TemporaryDirectory(prefix="ssb-device-") as work:  # removed afterwards, even on failure
+        report = measure(Path(work), args)
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+def measure(work: Path, args: argparse.Namespace) -> dict:
+    """Every measurement, with its data and runs under ``work``."""
     report: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     precisions = ["fp32"] if args.smoke or not torch.cuda.is_available() else ["fp32", "bf16", "fp16"]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -247,9 +255,7 @@ def main() -> None:
         report[f"{name}/{precision}/accum{ACCUM}"] = time_accumulated(
             work, name, precision, args.tokenizer, args.smoke, warmup=2 if args.smoke else 5, steps=3 if args.smoke else 15)
     report["fit_and_resume"] = short_fit(work, args.tokenizer, args.smoke)
-    print_report(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+    return report
 
 
 def print_report(report: dict) -> None:

@@ -19,6 +19,12 @@ from ssbctl.config import LossConfig
 IGNORE_INDEX = -100
 
 
+def fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or unchanged when wider: AMP's half-precision outputs are promoted for the
+    similarities and losses, while a float64 model (for numerical checks) stays in float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -108,7 +114,7 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     every rank while the gradient is that of this rank's share times the world size, which DDP's
     gradient averaging turns back into the global mean's gradient.
     """
-    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+    total = F.cross_entropy(fp32_or_wider(logits.flatten(0, 1)), targets.flatten(), ignore_index=IGNORE_INDEX,
                             reduction="sum")
     _, world = _world()
     if world == 1:
@@ -137,10 +143,10 @@ class SSBLoss(nn.Module):
         # 0.5 apart, coarser than the differences the loss ranks by. (B, B) is cheap either way.
         with torch.autocast(text.device.type, enabled=False):
             if self.cfg.contrastive == "infonce":
-                scale = log_scale.float().clamp(max=self.max_log_scale).exp()
-                contrastive = infonce_loss(text.float(), video.float(), video_ids, scale)
+                scale = fp32_or_wider(log_scale).clamp(max=self.max_log_scale).exp()
+                contrastive = infonce_loss(fp32_or_wider(text), fp32_or_wider(video), video_ids, scale)
             else:
-                contrastive = max_margin_loss(text.float(), video.float(), video_ids, self.cfg.margin)
+                contrastive = max_margin_loss(fp32_or_wider(text), fp32_or_wider(video), video_ids, self.cfg.margin)
         out = {"contrastive_loss": contrastive}
         total = contrastive
         if caption_logits is not None and caption_targets is not None:

@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402
+from typing import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -26,6 +27,19 @@ from ssbctl.data.video import Sampling  # noqa: E402
 
 TINY_SPEC = ShapesSpec(num_videos=24, frame_size=32, fps=8, min_seconds=1.0, max_seconds=1.5,
                        captions_per_video=3, val_fraction=0.25, test_fraction=0.25)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_cache_in_pytest_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """torch keeps its compile cache in $TMPDIR/torchinductor_$USER, which would outlive the
+    tests in /tmp; it goes to pytest's tmp dir instead (subprocesses inherit the variable)."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("torchinductor"))
+    yield
+    if previous is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 @pytest.fixture(autouse=True)

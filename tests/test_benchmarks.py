@@ -32,11 +32,14 @@ def test_device_check_smoke_runs_without_the_packages_the_device_lacks(tmp_path:
 
     tokenizer = builtin_models()["all-MiniLM-L6-v2"]  # the device gets these files carried to it
     report_file = tmp_path / "report.json"
+    temp = tmp_path / "tmp"  # its temporary folder goes here, and must be gone afterwards
+    temp.mkdir()
     proc = subprocess.run([sys.executable, "-c", WITHOUT, str(ROOT / "benchmarks" / "device_check.py"), "--smoke",
                            "--tokenizer", str(tokenizer), "--json", str(report_file)],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(temp)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(temp.iterdir()) == [], "device_check leaves its work folder behind"
     report = json.loads(report_file.read_text())
     for name in ("shapes", "clip-sized"):
         timing = report[f"{name}/fp32"]

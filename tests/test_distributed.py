@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -135,6 +136,7 @@ def _stopped_step(proc: subprocess.Popen, run: Path) -> int:
 SIGNAL_ONE_RANK = """
 import json, os, signal, sys
 from pathlib import Path
+import torch.distributed as dist
 from ssbctl.config import load_recipe
 from ssbctl.engine import trainer
 
@@ -145,6 +147,7 @@ if os.environ["RANK"] == "1":
             os.kill(os.getpid(), signal.SIGTERM)
     trainer.SilentReporter.step = step
 summary = trainer.train(load_recipe(recipe), run)
+summary["group_left"] = not dist.is_initialized()  # gloo alive at exit aborts the process
 (run.parent / f"summary-{os.environ['RANK']}.json").write_text(json.dumps(summary))
 """
 
@@ -176,7 +179,7 @@ def test_a_signal_to_one_rank_or_to_the_launcher_stops_every_rank_at_one_step(
     _, err = _communicate_or_reap(proc, timeout=180)
     assert proc.returncode == 0, err[-3000:]
     summaries = [json.loads((tmp_path / f"summary-{rank}.json").read_text()) for rank in (0, 1)]
-    assert {(s["steps"], s["stopped_by"]) for s in summaries} == {(per_epoch + 1, "SIGTERM")}
+    assert {(s["steps"], s["stopped_by"], s["group_left"]) for s in summaries} == {(per_epoch + 1, "SIGTERM", True)}
     first = json.loads((latest_checkpoint(run) / "state.json").read_text())
     assert first["step"] == per_epoch + 1 and first["world"] == 2
 
@@ -185,3 +188,31 @@ def test_a_signal_to_one_rank_or_to_the_launcher_stops_every_rank_at_one_step(
     assert workers == 2
     proc.send_signal(signal.SIGTERM)  # the launcher forwards it to the workers
     assert _stopped_step(proc, run) > first["step"]
+
+
+# Joins a 2-process gloo group through ssbctl's setup and exits without leaving it; the handler
+# registered first runs last, after every exit handler that setup registered.
+JOIN_AND_EXIT = """
+import atexit, torch.distributed as dist
+from ssbctl.engine.distributed import setup
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized(), flush=True))
+setup("cpu")
+dist.barrier()
+"""
+
+
+def test_a_process_that_joined_the_group_leaves_it_before_the_interpreter_exits() -> None:
+    """gloo alive during interpreter finalization aborts a process now and then (SIGABRT,
+    "terminate called without an active exception"); setup makes every exit leave the group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", JOIN_AND_EXIT], text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank in (0, 1)]
+    for proc in procs:
+        out, err = _communicate_or_reap(proc, timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        assert "group alive at exit: False" in out, out + err[-3000:]

@@ -1,4 +1,7 @@
-"""Loss values against hand-computed references on small tensors."""
+"""Loss values against hand-computed references on small tensors.
+
+The references are Python floats (float64); the losses run on float64 tensors too, so the
+comparison does not depend on how a CPU rounds fp32 (exp, log and sums in another order)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,10 @@ import torch.nn.functional as F
 
 from ssbctl.config import LossConfig
 from ssbctl.losses import SSBLoss, caption_loss, infonce_loss, max_margin_loss
+
+
+def _f64(values: object) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def _reference_infonce(t: list[list[float]], v: list[list[float]], ids: list[int], scale: float) -> float:
@@ -27,35 +34,36 @@ def _reference_infonce(t: list[list[float]], v: list[list[float]], ids: list[int
 def test_infonce_matches_hand_computation_with_distinct_videos() -> None:
     t = [[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]
     v = [[0.8, 0.6], [0.0, 1.0], [1.0, 0.0]]
-    got = infonce_loss(torch.tensor(t), torch.tensor(v), torch.tensor([0, 1, 2]), torch.tensor(10.0))
-    assert got.item() == pytest.approx(_reference_infonce(t, v, [0, 1, 2], 10.0), rel=1e-6)
+    got = infonce_loss(_f64(t), _f64(v), torch.tensor([0, 1, 2]), _f64(10.0))
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(_reference_infonce(t, v, [0, 1, 2], 10.0), rel=1e-12)
 
 
 def test_infonce_two_captions_of_one_video_are_positives_not_negatives() -> None:
     t = [[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]
     v = [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]  # pairs 0 and 1 show the same video
     ids = [5, 5, 9]
-    got = infonce_loss(torch.tensor(t), torch.tensor(v), torch.tensor(ids), torch.tensor(5.0))
-    assert got.item() == pytest.approx(_reference_infonce(t, v, ids, 5.0), rel=1e-6)
-    as_negatives = infonce_loss(torch.tensor(t), torch.tensor(v), torch.tensor([0, 1, 2]), torch.tensor(5.0))
+    got = infonce_loss(_f64(t), _f64(v), torch.tensor(ids), _f64(5.0))
+    assert got.item() == pytest.approx(_reference_infonce(t, v, ids, 5.0), rel=1e-12)
+    as_negatives = infonce_loss(_f64(t), _f64(v), torch.tensor([0, 1, 2]), _f64(5.0))
     assert got.item() < as_negatives.item()
 
 
 def test_max_margin_matches_hand_computation() -> None:
-    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    v = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    t = _f64([[1.0, 0.0], [0.0, 1.0]])
+    v = _f64([[0.6, 0.8], [1.0, 0.0]])
     # sims: s00=.6 s01=1, s10=.8 s11=0; margin .2
     # t2v: i=0: [.2+1-.6]=.6 ; i=1: [.2+.8-0]=1.0 ; v2t: video0: [.2+.8-.6]=.4 ; video1: [.2+1-0]=1.2
     expected = (0.6 + 1.0 + 0.4 + 1.2) / 2
     got = max_margin_loss(t, v, torch.tensor([0, 1]), 0.2)
-    assert got.item() == pytest.approx(expected, rel=1e-6)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_caption_loss_ignores_padding() -> None:
-    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    logits = _f64([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
     targets = torch.tensor([[0, -100]])
     expected = -math.log(math.exp(2.0) / (math.exp(2.0) + 2))
-    assert caption_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+    assert caption_loss(logits, targets).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_ssb_loss_adds_weighted_caption_term_and_clamps_temperature() -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
+import tomllib
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +33,37 @@ def test_wheel_ships_configs_and_split_files(tmp_path: Path) -> None:
         assert f"ssbctl/configs/models/{model}.toml" in names and f"ssbctl/configs/models/{model}.md" in names
     assert "ssbctl/data/splits/msrvtt/MSRVTT_JSFUSION_test.csv" in names
     assert "ssbctl/data/splits/msvd/test_list.txt" in names
+
+
+def _requirements() -> dict[str, str]:
+    """{canonical distribution name: specifier} of every runtime and optional dependency."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    found = {}
+    for line in lines:
+        name = re.match(r"[A-Za-z0-9_.-]+", line).group(0)
+        found[re.sub(r"[-_.]+", "-", name).lower()] = line[len(name):].split(";")[0]
+    return found
+
+
+def _imported_top_level_modules() -> set[str]:
+    """Top-level modules that ``ssbctl`` imports anywhere (optional imports included)."""
+    names: set[str] = set()
+    for path in (ROOT / "ssbctl").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"ssbctl", "__future__"}
+
+
+def test_every_imported_package_is_declared_and_bounded() -> None:
+    """What the code imports is a declared dependency (or extra); each has a lower and an upper bound."""
+    declared = _requirements()
+    providers = metadata.packages_distributions()
+    for module in sorted(_imported_top_level_modules()):
+        dists = {re.sub(r"[-_.]+", "-", d).lower() for d in providers.get(module, [module])}
+        assert dists & declared.keys(), f"ssbctl imports {module!r} but pyproject.toml declares none of {dists}"
+    for name, spec in declared.items():
+        assert ">=" in spec and "<" in spec.replace("<=", ""), f"{name}{spec}: give it a lower and an upper bound"

@@ -1,10 +1,17 @@
-"""The ``ssbctl`` Typer app: registers each command and turns user errors into exit code 2."""
+"""The ``ssbctl`` Typer app: registers each command and turns user errors into exit code 2.
+
+Usage mistakes (an unknown command or option, a missing argument, a value of the wrong type)
+print click's short usage message and exit 2. ``ssbctl`` alone prints the help and exits as click
+does for a group called without a command: 2 under click 8.2 and later (and recent typer, whose
+vendored click follows it), 0 before.
+"""
 
 from __future__ import annotations
 
 import sys
+from importlib import metadata
+from typing import Annotated
 
-import click
 import typer
 
 from ssbctl.cli import demo, evaluate, index, prepare, retrieve, train
@@ -18,8 +25,46 @@ for module in (prepare, train, evaluate, index, retrieve, demo):
     app.command(name, epilog=module.EPILOG)(getattr(module, name))
 
 
+def _version() -> str:
+    """The installed distribution's version (the package's own in a source tree without metadata)."""
+    try:
+        return metadata.version("ssbctl")
+    except metadata.PackageNotFoundError:
+        from ssbctl import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"ssbctl {_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Options of ``ssbctl`` itself (before the command)."""
+
+
+def _loaded_click_classes(name: str, typer_class: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """The classes called ``name`` that a command line can raise: the one in ``typer_class``'s MRO
+    (the vendored click of recent typer, 0.29 here; the click package before) and, when something
+    loaded the click package, click's own. Found, not imported: ssbctl does not depend on click."""
+    found = [next(c for c in typer_class.__mro__ if c.__name__ == name)]
+    click = sys.modules.get("click")
+    own = getattr(getattr(click, "exceptions", None), name, None)
+    if isinstance(own, type) and issubclass(own, BaseException) and own not in found:
+        found.append(own)
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code: 0 ok, 1 failure, 2 user error, 130 interrupted."""
+    """Run the CLI and return its exit code: 0 ok, 1 failure, 2 user error or usage mistake,
+    130 interrupted; ``ssbctl`` alone prints the help (exit 2, or 0 under click before 8.2)."""
+    usage_errors = _loaded_click_classes("ClickException", typer.BadParameter)
+    exits = _loaded_click_classes("Exit", typer.Exit)
+    aborts = _loaded_click_classes("Abort", typer.Abort)
     try:
         code = app(args=argv, prog_name="ssbctl", standalone_mode=False)  # an int when a command exits with one
     except UserError as exc:
@@ -31,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except exits as exc:
+        return exc.exit_code  # type: ignore[attr-defined]
+    except usage_errors as exc:
+        exc.show()  # type: ignore[attr-defined]
+        return exc.exit_code  # type: ignore[attr-defined]
+    except (*aborts, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
     return code if isinstance(code, int) else 0

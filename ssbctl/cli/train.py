@@ -32,17 +32,14 @@ def train(
     """Train the SSB model on prepared data; checkpoints, metrics.jsonl and the resolved recipe go to the run folder.
 
     train.batch_size is the global batch (the support set and the negatives); each of N processes takes 1/N of it."""
-    from ssbctl.engine.distributed import DistInfo, teardown
+    from ssbctl.engine.distributed import DistInfo
     from ssbctl.engine.train_setup import launch_torchrun, resolve_recipe
     from ssbctl.engine.trainer import train as run_training
 
     if nproc > 1:
         raise typer.Exit(launch_torchrun(nproc))
     resolved, run_dir = resolve_recipe(recipe, overrides or [], output, resume)
-    try:
-        summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter())
-    finally:
-        teardown()
+    summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter())  # leaves the process group
     if not DistInfo(rank=summary["rank"]).is_main:
         return
     if as_json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -27,7 +28,11 @@ class DistInfo:
 
 
 def setup(device: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group that torchrun describes (if any) and pick this process's device."""
+    """Join the process group that torchrun describes (if any) and pick this process's device.
+
+    A process that joins the group also registers :func:`teardown` to run at exit: a process
+    that ends with the group still alive has gloo's worker threads destroyed during interpreter
+    finalization, which aborts it ("terminate called without an active exception", SIGABRT)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -38,6 +43,7 @@ def setup(device: str) -> tuple[DistInfo, torch.device]:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        atexit.register(teardown)
     return DistInfo(rank, world, local), dev
 
 
@@ -87,6 +93,12 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def in_group() -> bool:
+    """Whether this process has joined a process group (that it has not left yet)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group (if any) while the interpreter is fully alive; safe to call twice."""
+    if in_group():
         dist.destroy_process_group()

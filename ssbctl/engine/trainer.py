@@ -26,7 +26,7 @@ from ssbctl.data.loader import Collate, EpochBatchSampler, PairDataset
 from ssbctl.engine.accumulate import accumulated_backward
 from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, remap_optimizer_state,
                                       save_checkpoint)
-from ssbctl.engine.distributed import any_rank, average_gradients, barrier, gather_objects, setup
+from ssbctl.engine.distributed import any_rank, average_gradients, barrier, gather_objects, in_group, setup, teardown
 from ssbctl.engine.run import build_run_model, read_run_recipe, write_recipe, write_run_files
 from ssbctl.errors import TrainingError, UserError
 from ssbctl.evaluation.evaluate import evaluate_split
@@ -413,5 +413,13 @@ class _StopOnSignal:
 
 def train(recipe: Recipe, run_dir: Path, resume: bool = False,
           reporter: Reporter | None = None) -> dict[str, Any]:
-    """Train ``recipe`` into ``run_dir`` (continuing its latest checkpoint with ``resume``)."""
-    return Trainer(recipe, run_dir, resume, reporter).fit()
+    """Train ``recipe`` into ``run_dir`` (continuing its latest checkpoint with ``resume``).
+
+    Under torchrun, the process group this call joins is left before it returns (or raises):
+    every rank passed the last barrier of ``fit``, and a process must not exit with gloo alive."""
+    joins = not in_group()
+    try:
+        return Trainer(recipe, run_dir, resume, reporter).fit()
+    finally:
+        if joins:
+            teardown()

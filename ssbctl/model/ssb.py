@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssbctl.config import LossConfig, ModelConfig
-from ssbctl.losses import SSBLoss, gather_no_grad, gather_with_grad, global_offset
+from ssbctl.losses import SSBLoss, fp32_or_wider, gather_no_grad, gather_with_grad, global_offset
 from ssbctl.model.decoder import CaptionDecoder, decoder_vocab
 from ssbctl.model.support_set import SupportSetBottleneck
 from ssbctl.model.text_encoder import TextEncoder, load_text_backbone
@@ -81,11 +81,11 @@ class SSBModel(nn.Module):
 
     def encode_video(self, features: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
         """L2-normalised video embeddings ``(B, D)``."""
-        return F.normalize(self.video(features, masks).float(), dim=-1)
+        return F.normalize(fp32_or_wider(self.video(features, masks)), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised text embeddings ``(B, D)``."""
-        return F.normalize(self.text(input_ids, attention_mask).float(), dim=-1)
+        return F.normalize(fp32_or_wider(self.text(input_ids, attention_mask)), dim=-1)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"loss", "contrastive_loss"[, "caption_loss"]}`` for one batch.

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssbctl.config import SupportSetConfig
+from ssbctl.losses import fp32_or_wider
 
 
 def support_mask(kind: str, query_ids: torch.Tensor, support_ids: torch.Tensor | None = None,
@@ -57,7 +58,7 @@ class SupportSetBottleneck(nn.Module):
         support = video if support is None else support
         q = F.normalize(self.query(video), dim=-1)  # (Q, D)
         k = F.normalize(self.key(support), dim=-1)  # (S, D)
-        logits = (q @ k.t()).float() / self.cfg.temperature  # (Q, S)
+        logits = fp32_or_wider(q @ k.t()) / self.cfg.temperature  # (Q, S)
         pos = torch.arange(video.shape[0], device=video.device) + offset
         allowed = support_mask(self.cfg.mask, video_ids, support_ids, pos)
         weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
