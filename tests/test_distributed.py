@@ -204,3 +204,19 @@ def test_a_signal_to_one_rank_or_to_the_launcher_stops_every_rank_at_one_step(
     assert workers == 2
     proc.send_signal(signal.SIGTERM)  # the launcher forwards it to the workers
     assert _stopped_step(proc, run) > first["step"]
+
+
+def test_nproc_launches_the_command_given_to_main(shapes_store: Path, no_dropout_text: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main(argv)`` with --nproc: the workers run argv's command, not whatever sys.argv holds."""
+    from conftest import tiny_overrides
+
+    from ssbctl.cli.app import main
+
+    recipe = _write_recipe(tmp_path / "tiny.toml", tiny_overrides(
+        shapes_store, no_dropout_text, tmp_path / "run", **{"train.max_steps": 2, "data.eval_split": ""}))
+    monkeypatch.setattr(sys, "argv", ["ssbctl", "evaluate", str(tmp_path / "no-run")])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert main(["train", "--recipe", str(recipe), "--nproc", "2"]) == 0
+    state = json.loads((latest_checkpoint(tmp_path / "run") / "state.json").read_text())
+    assert state["world"] == 2 and state["step"] == 2

@@ -20,8 +20,10 @@ for module in (prepare, train, evaluate, index, retrieve, demo):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 failure, 2 user error, 130 interrupted."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        code = app(args=argv, prog_name="ssbctl", standalone_mode=False)  # an int when a command exits with one
+        # obj: the command line as given, for commands that relaunch themselves (train --nproc)
+        code = app(args=args, prog_name="ssbctl", standalone_mode=False, obj={"argv": args})  # an int on exit(n)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
