@@ -9,6 +9,7 @@ import pytest
 
 from ssbctl.config import (Recipe, dump_toml, load_model_config, load_recipe, parse_override,
                            recipe_from_dict, to_dict)
+from ssbctl.data.datasets import dataset_spec
 from ssbctl.errors import UserError
 from ssbctl.paths import find_config, shipped_configs
 
@@ -20,6 +21,56 @@ def test_every_shipped_recipe_loads_and_opens_with_its_launch_command(name: str)
     text = find_config("recipes", name).read_text()
     assert text.startswith("# Launch:"), "a recipe opens with its launch command"
     assert "ssbctl train --recipe" in text.split("\n\n")[0]
+
+
+# The split a dataset's published results are on: test, except ActivityNet Captions (val_1).
+PUBLISHED_SPLIT = {"activitynet": "val_1"}
+
+
+def _launch_lines(name: str) -> dict[str, list[dict]]:
+    """The ``ssbctl`` commands of a recipe's launch comment, parsed by the CLI itself: {command: [params]}."""
+    import shlex
+
+    from typer.main import get_command
+
+    from ssbctl.cli.app import app
+
+    group = get_command(app)
+    header = find_config("recipes", name).read_text().split("\n\n")[0]
+    found: dict[str, list[dict]] = {}
+    for line in header.splitlines():
+        if not line.startswith("#   "):
+            continue
+        words = shlex.split(line[1:], comments=True)
+        while words:
+            cut = words.index("&&") if "&&" in words else len(words)
+            (program, command, *args), words = words[:cut], words[cut + 1:]
+            assert program == "ssbctl" and group.get_command(None, command) is not None, line
+            ctx = group.get_command(None, command).make_context(command, args)  # unknown flag: an error here
+            found.setdefault(command, []).append(ctx.params)
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(shipped_configs("recipes")))
+def test_every_recipe_launch_line_is_a_valid_command_for_this_recipe(name: str) -> None:
+    """Its flags exist, its --set keys load, prepare writes the data the recipe trains on, and the
+    evaluation is on the split results are published on."""
+    from ssbctl.data.hf_backbones import DEFAULT_CLIP
+
+    commands = _launch_lines(name)
+    recipe = load_recipe(name)
+    for params in commands["train"]:
+        assert params["recipe"] == name
+        load_recipe(name, params["overrides"] or [])
+    (prepare,) = commands["prepare"]
+    backbone = (prepare["backbones"] or ["pixels"])[0]
+    tag = DEFAULT_CLIP.rsplit("/", 1)[-1] if backbone == "clip" else backbone
+    assert recipe.data.prepared == f"{prepare['dataset']}-{tag}"
+    assert prepare["frames"] in (None, dataset_spec(prepare["dataset"]).protocol.max_frames)
+    if name != "shapes":
+        (evaluate,) = commands["evaluate"]
+        assert evaluate["run"] == Path(recipe.train.output_dir)
+        assert evaluate["split"] == PUBLISHED_SPLIT.get(prepare["dataset"], "test"), name
 
 
 @pytest.mark.parametrize("name", sorted(shipped_configs("models")))

@@ -216,3 +216,19 @@ def test_a_process_that_joined_the_group_leaves_it_before_the_interpreter_exits(
         out, err = _communicate_or_reap(proc, timeout=120)
         assert proc.returncode == 0, err[-3000:]
         assert "group alive at exit: False" in out, out + err[-3000:]
+
+
+def test_nproc_launches_the_command_given_to_main(shapes_store: Path, no_dropout_text: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``main(argv)`` with --nproc: the workers run argv's command, not whatever sys.argv holds."""
+    from conftest import tiny_overrides
+
+    from ssbctl.cli.app import main
+
+    recipe = _write_recipe(tmp_path / "tiny.toml", tiny_overrides(
+        shapes_store, no_dropout_text, tmp_path / "run", **{"train.max_steps": 2, "data.eval_split": ""}))
+    monkeypatch.setattr(sys, "argv", ["ssbctl", "evaluate", str(tmp_path / "no-run")])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert main(["train", "--recipe", str(recipe), "--nproc", "2"]) == 0
+    state = json.loads((latest_checkpoint(tmp_path / "run") / "state.json").read_text())
+    assert state["world"] == 2 and state["step"] == 2

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,10 +16,10 @@ import pytest
 
 from ssbctl.data.backbones import build_backbone
 from ssbctl.data.datasets import read_custom
-from ssbctl.data.prepare import PrepareOptions, prepare, work_root
+from ssbctl.data.prepare import PrepareOptions, prepare, prepare_items, work_root
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import Sampling
-from ssbctl.errors import DataError
+from ssbctl.errors import DataError, UserError
 
 SAMPLING = Sampling(num_frames=4)
 
@@ -68,8 +71,88 @@ def test_killed_prepare_resumes_to_the_same_store(shapes_raw: Path, reference: P
     assert _store_bytes(out) == _store_bytes(reference)
 
 
+# Runs the prepare CLI but dies by SIGKILL in the middle of the merge, as a killed process would:
+# after the 5th video is written into the new store, before the store is committed.
+KILL_MID_MERGE = """
+import os, signal, sys
+from ssbctl.cli.app import main
+from ssbctl.data import store
+real_add, written = store.StoreWriter.add, []
+def add(self, *args, **kwargs):
+    real_add(self, *args, **kwargs)
+    written.append(1)
+    if len(written) == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+store.StoreWriter.add = add
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _prepare_cmd(shapes_raw: Path, out: Path) -> list[str]:
+    return ["prepare", "custom", "--annotations", str(shapes_raw / "captions.jsonl"), "--out", str(out),
+            "--pixel-size", "8", "--frames", "4", "--sampling", "uniform", "--workers", "0"]
+
+
+def test_merge_killed_midway_is_redone_by_the_next_prepare(shapes_raw: Path, reference: Path, tmp_path: Path) -> None:
+    """The killed merger's lock names a process that is gone: a rerun takes it over and merges."""
+    out = tmp_path / "store"
+    killed = subprocess.run([sys.executable, "-c", KILL_MID_MERGE, *_prepare_cmd(shapes_raw, out)],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    lock = work_root(out) / "merge.lock"
+    assert lock.exists() and not out.exists(), "killed during the merge, lock left behind"
+    rerun = subprocess.run([sys.executable, "-m", "ssbctl", *_prepare_cmd(shapes_raw, out)],
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "prepared custom" in rerun.stdout
+    assert _store_bytes(out) == _store_bytes(reference)
+    assert not work_root(out).exists() and not (out.parent / ".store.writing").exists()
+
+
+def _finish_shards_but_hold_lock(shapes_raw: Path, out: Path, holder: dict) -> list:
+    """Prepare shard 1/2, then leave ``holder``'s lock before shard 0/2 finishes and would merge."""
+    items = read_custom(shapes_raw / "captions.jsonl")
+    prepare("custom", items, [build_backbone("pixels", size=8)], [out],
+            PrepareOptions(SAMPLING, shard=1, num_shards=2, workers=0))
+    (work_root(out) / "merge.lock").write_text(json.dumps(holder))
+    return items
+
+
+def test_merge_lock_of_a_live_or_remote_process_is_respected(shapes_raw: Path, tmp_path: Path) -> None:
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        for holder in ({"pid": live.pid, "host": socket.gethostname()},
+                       {"pid": 1 << 30, "host": socket.gethostname() + "-other"}):  # not checkable from here
+            out = tmp_path / f"store-{holder['host']}"
+            items = _finish_shards_but_hold_lock(shapes_raw, out, holder)
+            summary = prepare("custom", items, [build_backbone("pixels", size=8)], [out],
+                              PrepareOptions(SAMPLING, shard=0, num_shards=2, workers=0))
+            assert not summary["merged"] and not out.exists()
+            assert summary["merging_elsewhere"]["pid"] == holder["pid"]
+            assert json.loads((work_root(out) / "merge.lock").read_text()) == holder
+            with pytest.raises(UserError, match=f"process {holder['pid']} on .* is merging"):
+                prepare_items(items, out, "custom", build_backbone("pixels", size=8), SAMPLING)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_merge_lock_of_a_dead_or_reused_pid_is_taken_over(shapes_raw: Path, reference: Path,
+                                                          tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    reused = {"pid": os.getpid(), "host": socket.gethostname(), "started": "0"}  # our pid, another process's start
+    for name, holder in (("dead", {"pid": dead.pid, "host": socket.gethostname()}), ("reused", reused)):
+        out = tmp_path / name / "store"
+        items = _finish_shards_but_hold_lock(shapes_raw, out, holder)
+        summary = prepare("custom", items, [build_backbone("pixels", size=8)], [out],
+                          PrepareOptions(SAMPLING, shard=0, num_shards=2, workers=0))
+        assert summary["merged"], name
+        assert _store_bytes(out) == _store_bytes(reference)
+        assert not work_root(out).exists() and not list(out.parent.glob(".store*"))
+
+
 def test_prepare_with_other_settings_refuses_unfinished_work(shapes_raw: Path, tmp_path: Path) -> None:
-    from ssbctl.errors import UserError
 
     items = read_custom(shapes_raw / "captions.jsonl")
     out = tmp_path / "store"

@@ -62,3 +62,38 @@ def test_faiss_ivf_backend_states_its_recall(tmp_path: Path) -> None:
     agree = [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in
              zip(approx.top(queries, 10)[1], exact.top(queries, 10)[1])]
     assert sum(agree) / len(agree) >= 0.5
+
+
+def _clustered_ivf_index(folder: Path) -> Index:
+    """Four tight, orthogonal clusters of 10 videos in an ``IVF4,Flat`` faiss index probing one cell:
+    a query finds at most the 10 videos of its own cluster, whatever k asks."""
+    from ssbctl.retrieval.ann import build_ann
+
+    torch.manual_seed(0)
+    emb = F.normalize(torch.eye(8)[torch.arange(40) // 10] + 0.05 * torch.randn(40, 8), dim=-1)
+    Index(emb, [{"video_id": f"v{i}", "path": f"/v{i}.mp4", "split": "test"} for i in range(40)]).save(folder)
+    build_ann(emb, folder, factory="IVF4,Flat", nprobe=1, sample=40, k=5)
+    index = Index.load(folder)
+    index.backend = "faiss"
+    return index
+
+
+def test_faiss_slots_it_cannot_fill_are_dropped_not_the_last_video(tmp_path: Path) -> None:
+    """faiss answers row -1 for the k - 10 slots beyond the probed cell; they must not become v39."""
+    from ssbctl.retrieval.explain import dual_softmax
+
+    index = _clustered_ivf_index(tmp_path / "idx")
+    queries = index.embeddings[[0, 15]]  # clusters 0 and 1; the last video v39 is in cluster 3
+    hits = index.search(queries, k=25)
+    for q, row in enumerate(hits):
+        cluster = {f"v{i}" for i in range(10 * q, 10 * q + 10)}
+        assert [h["rank"] for h in row] == list(range(1, 11))
+        assert {h["video_id"] for h in row} == cluster
+        exact = (queries[q] @ index.embeddings.t()).double()
+        for h in row:
+            assert h["score"] == pytest.approx(float(exact[int(h["video_id"][1:])]), abs=1e-5)
+    scores, rows = index.top(queries, 25)
+    assert [len(r) for r in rows] == [len(s) for s in scores] == [10, 10]
+    reranked = dual_softmax(index, queries, index.embeddings[30:33], k=25, candidates=25)
+    assert [{h["video_id"] for h in row} for row in reranked] == [{f"v{i}" for i in range(10)},
+                                                                  {f"v{i}" for i in range(10, 20)}]

@@ -80,6 +80,26 @@ def test_explain_shows_cross_attention(trained) -> None:
     assert result["draws_on"][0]["weight"] == max(weights[0].tolist())
 
 
+def test_explain_with_an_ivf_index_uses_only_the_videos_found(trained, tmp_path: Path) -> None:
+    """With one of 4 IVF cells probed, fewer than k=12 videos are found: the support set is those,
+    not padded with the last video (faiss's row -1)."""
+    from ssbctl.retrieval.ann import build_ann
+    from ssbctl.retrieval.explain import support_attention
+
+    run_dir, index_dir = trained
+    shutil.copytree(index_dir, tmp_path / "index")
+    index = Index.load(tmp_path / "index")
+    build_ann(index.embeddings, tmp_path / "index", factory="IVF4,Flat", nprobe=1, sample=12, k=5)
+    index.backend = "faiss"
+    run = ssbctl.load(run_dir)
+    query = run.encode_text(["a red circle moves to the left"])
+    found = [index.videos[r]["video_id"] for r in index.top(query, 12)[1][0].tolist()]
+    assert 0 < len(found) < 12 and len(set(found)) == len(found)
+    result = support_attention(run, index, query, k=12)
+    assert result["videos"] == found
+    assert torch.tensor(result["weights"]).shape == (len(found), len(found))
+
+
 def test_dual_softmax_reports_both_scores(trained, tmp_path: Path, capsys) -> None:
     _, index_dir = trained
     bank = tmp_path / "bank.txt"

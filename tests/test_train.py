@@ -218,3 +218,41 @@ def test_resume_moves_rows_logged_after_the_checkpoint_aside(tiny_recipe_args, t
     aside = list(read_jsonl(run / "metrics.superseded.jsonl"))
     assert [r["step"] for r in aside] == [5, 6]
     assert [r["loss"] for r in aside] == [r["loss"] for r in rows[4:6]], "the replayed steps log the same losses"
+
+
+def test_metrics_log_the_main_and_the_text_learning_rates(tiny_recipe_args, tmp_path: Path) -> None:
+    """``lr`` is train.lr on its schedule, ``lr_text`` the text encoder's train.text_lr, only while it trains."""
+    for name, layers in (("tuned", -1), ("frozen", 0)):
+        recipe = load_recipe("shapes", tiny_recipe_args(name, **{"train.max_steps": 4, "data.eval_split": "",
+                                                                 "model.text.trainable_layers": layers}))
+        train(recipe, tmp_path / name)
+        steps = [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r]
+        assert [r["step"] for r in steps] == [1, 2, 3, 4]
+        for r in steps:
+            factor = lr_factor(r["step"], 4, recipe.train)
+            assert r["lr"] == pytest.approx(3e-3 * factor, rel=1e-9), (name, r["step"])
+            if layers:
+                assert r["lr_text"] == pytest.approx(1e-3 * factor, rel=1e-9), r["step"]
+            else:
+                assert "lr_text" not in r
+
+
+def test_a_global_batch_larger_than_the_split_is_refused_before_any_work(shapes_store: Path, tiny_recipe_args,
+                                                                         tmp_path: Path, capsys) -> None:
+    from ssbctl.cli.app import main
+    from ssbctl.data.loader import EpochBatchSampler, PairDataset
+    from ssbctl.data.store import FeatureStore
+
+    pairs = len(PairDataset(FeatureStore(shapes_store), "train"))
+    recipe = _write_recipe(tmp_path / "big.toml", tiny_recipe_args("run", **{"train.batch_size": pairs + 2}))
+    for extra in ([], ["--nproc", "2"]):  # with --nproc: before torchrun starts any worker
+        assert main(["train", "--recipe", str(recipe), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: train.batch_size={pairs + 2} (the global batch) is larger than the "
+                              f"{pairs} (video, caption) pairs of split 'train'") and err.count("\n") == 1
+        assert not (tmp_path / "run").exists(), "refused before writing the run folder"
+    with pytest.raises(UserError, match="train.batch_size=4 .* larger than the 3"):
+        EpochBatchSampler(3, 4, seed=0)
+    with pytest.raises(UserError, match="train.batch_size=2 .* larger than the 1"):  # was a ZeroDivisionError
+        EpochBatchSampler(1, 2, seed=0, rank=0, world=2)
+    assert len(EpochBatchSampler(9, 4, seed=0, rank=1, world=2).batches()) == 2

@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     usage_errors = _loaded_click_classes("ClickException", typer.BadParameter)
     exits = _loaded_click_classes("Exit", typer.Exit)
     aborts = _loaded_click_classes("Abort", typer.Abort)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        code = app(args=argv, prog_name="ssbctl", standalone_mode=False)  # an int when a command exits with one
+        # obj: the command line as given, for commands that relaunch themselves (train --nproc)
+        code = app(args=args, prog_name="ssbctl", standalone_mode=False, obj={"argv": args})  # an int on exit(n)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -106,6 +106,11 @@ def prepare(
     if as_json:
         print_json(summary)
         return
+    if "merging_elsewhere" in summary:
+        from ssbctl.data.prepare import merging_elsewhere_message
+
+        err.print(f"shard {summary['shard']} done; {merging_elsewhere_message(summary['merging_elsewhere'])}")
+        return
     if not summary["merged"]:
         out.print(f"shard {summary['shard']} done: {summary['videos']} videos, {summary['failures']} unusable; "
                   f"the last shard to finish merges")

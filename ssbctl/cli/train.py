@@ -22,6 +22,7 @@ EPILOG = """Examples:
 
 
 def train(
+    ctx: typer.Context,
     recipe: Annotated[str | None, typer.Option(help="Recipe name (shapes) or TOML path.")] = None,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: train.lr=3e-4 (repeatable).")] = None,
     output: Annotated[Path | None, typer.Option("--out", help="Run folder (default: the recipe's train.output_dir).")] = None,
@@ -34,11 +35,14 @@ def train(
     train.batch_size is the global batch (the support set and the negatives); each of N processes takes 1/N of it."""
     from ssbctl.engine.distributed import DistInfo
     from ssbctl.engine.train_setup import launch_torchrun, resolve_recipe
+    from ssbctl.engine.trainer import check_training_batch
     from ssbctl.engine.trainer import train as run_training
+    from ssbctl.paths import open_stores
 
-    if nproc > 1:
-        raise typer.Exit(launch_torchrun(nproc))
     resolved, run_dir = resolve_recipe(recipe, overrides or [], output, resume)
+    if nproc > 1:  # the checks every worker would fail on, once and before starting them
+        check_training_batch(resolved, open_stores(resolved.data.prepared, resolved.data.experts), nproc)
+        raise typer.Exit(launch_torchrun(nproc, _command_line(ctx)))
     summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter())  # leaves the process group
     if not DistInfo(rank=summary["rank"]).is_main:
         return
@@ -50,3 +54,11 @@ def train(
     how = f" (stopped by {summary['stopped_by']}; continue with --resume)" if summary["stopped_by"] else ""
     out.print(f"trained {summary['steps']} steps -> {run_dir}{how}\n"
               f"next: ssbctl evaluate {run_dir} --split test")
+
+
+def _command_line(ctx: typer.Context) -> list[str]:
+    """The arguments this ``ssbctl`` invocation was given (``main(argv)``'s, else ``sys.argv``'s)."""
+    import sys
+
+    obj = ctx.find_root().obj
+    return list(obj["argv"]) if isinstance(obj, dict) and "argv" in obj else sys.argv[1:]

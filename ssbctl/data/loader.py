@@ -8,7 +8,26 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ssbctl.data.store import FeatureStore
+from ssbctl.errors import UserError
 from ssbctl.model.ssb import Batch
+
+
+def split_pairs(store: FeatureStore, split: str) -> list[tuple[int, str]]:
+    """The (video position in the split, caption) pairs of a split, from the store's lists alone."""
+    index = {v["video_id"]: i for i, v in enumerate(store.split_videos(split))}
+    return [(index[c["video_id"]], c["caption"]) for c in store.split_captions(split) if c["video_id"] in index]
+
+
+def check_global_batch(batch_size: int, pairs: int, world: int = 1, split: str = "the training split") -> None:
+    """Refuse a global batch that cannot be split evenly over ``world`` processes, or that is
+    larger than the ``pairs`` of the split (it could only be shrunk, silently changing the
+    support set and the negatives the recipe asks for)."""
+    if batch_size % world:
+        raise UserError(f"train.batch_size={batch_size} (the global batch) must be divisible by "
+                        f"the {world} processes")
+    if batch_size > pairs:
+        raise UserError(f"train.batch_size={batch_size} (the global batch) is larger than the {pairs} "
+                        f"(video, caption) pairs of {split}; lower train.batch_size")
 
 
 class PairDataset(Dataset):
@@ -17,9 +36,7 @@ class PairDataset(Dataset):
     def __init__(self, store: FeatureStore, split: str) -> None:
         self.videos = store.split_videos(split)
         self.features = store.load_experts(self.videos)  # [expert][video] (T, dim)
-        index = {v["video_id"]: i for i, v in enumerate(self.videos)}
-        self.pairs = [(index[c["video_id"]], c["caption"]) for c in store.split_captions(split)
-                      if c["video_id"] in index]
+        self.pairs = split_pairs(store, split)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -74,7 +91,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        batch_size = min(batch_size, size - size % world)
+        check_global_batch(batch_size, size, world)
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.per_rank = rank, batch_size // world
         self.epoch, self.start = 0, 0

@@ -8,6 +8,12 @@ the shard that finishes last merges all of them into the final store(s), rewritt
 order so that the result does not depend on sharding, interruptions or worker timing. Each
 video's row records the decoder that produced its frames (decord, or PyAV when decord could not
 read the file, with the reason).
+
+The merge is guarded by ``merge.lock`` in the work folder, a file naming its holder (pid, host,
+process start time). A merge that was killed leaves it behind; the next prepare on the same
+host sees that the holder is gone and merges again from the untouched shard work (a merge
+writes the stores whole and removes the work only at the end, so redoing it gives the same
+bytes). A lock held by a process on another host is never broken: it cannot be checked from here.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -160,8 +168,16 @@ def prepare(dataset: str, items: list[VideoItem], backbones: list[Backbone], out
     _run_shard(mine, backbones, work, opts, progress)
     summary: dict[str, Any] = {"shard": f"{opts.shard}/{opts.num_shards}", "videos": len(mine),
                                "failures": work.failures, "merged": False}
-    if _all_done(root, opts.num_shards) and _take_merge_lock(root):
-        summary["manifests"] = merge(dataset, items, backbones, outs, opts)
+    if _all_done(root, opts.num_shards):
+        holder = _take_merge_lock(root)
+        if holder is not None:
+            summary["merging_elsewhere"] = {**holder, "lock": str(root / LOCK_FILE)}
+            return summary
+        try:
+            summary["manifests"] = merge(dataset, items, backbones, outs, opts)
+        except BaseException:
+            _release_merge_lock(root)
+            raise
         summary["merged"] = True
     return summary
 
@@ -212,12 +228,104 @@ def _all_done(root: Path, num_shards: int) -> bool:
     return all((root / f"shard-{k}-of-{num_shards}" / "done.json").is_file() for k in range(num_shards))
 
 
-def _take_merge_lock(root: Path) -> bool:
+LOCK_FILE = "merge.lock"
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks since boot), to tell a reused pid apart."""
     try:
-        (root / "merge.lock").mkdir()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(holder: dict[str, Any]) -> bool:
+    """Whether the process named by a lock may still be running (on another host: assume so)."""
+    if "pid" not in holder:  # a lock without owner: the folder an older ssbctl made, or unreadable
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    started = _process_start(int(holder["pid"]))
+    return holder.get("started") is None or started is None or started == holder["started"]
+
+
+def _read_lock(lock: Path) -> dict[str, Any] | None:
+    """The lock's holder; ``{}`` when it names none; None when there is no lock."""
+    if lock.is_dir():
+        return {}
+    try:
+        holder = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _create_lock(lock: Path, holder: dict[str, Any]) -> bool:
+    """Create ``lock`` holding ``holder``, complete at once (hard link of a written file); False if taken."""
+    tmp = lock.with_name(f"{lock.name}.{holder['token']}.tmp")
+    tmp.write_text(json.dumps(holder))
+    try:
+        os.link(tmp, lock)
         return True
     except FileExistsError:
         return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _break_lock(lock: Path, stale: dict[str, Any]) -> None:
+    """Remove a lock whose holder is gone; should another process have replaced it with a live
+    lock in the meantime, put that one back."""
+    aside = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex}")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return
+    if _read_lock(aside) != stale and aside.is_file():
+        try:
+            os.link(aside, lock)
+        except FileExistsError:
+            pass
+    _remove(aside)
+
+
+def _take_merge_lock(root: Path) -> dict[str, Any] | None:
+    """Become the merging process: None when the lock is ours, else who holds it.
+
+    A lock left by a process that is gone (killed mid-merge) is broken and taken over."""
+    lock = root / LOCK_FILE
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid()),
+            "token": uuid.uuid4().hex}
+    holder: dict[str, Any] | None = None
+    for _ in range(5):
+        if _create_lock(lock, mine):
+            return None
+        holder = _read_lock(lock)
+        if holder is not None and _holder_alive(holder):
+            return holder
+        if holder is not None:
+            _break_lock(lock, holder)
+    return holder or {}
+
+
+def _release_merge_lock(root: Path) -> None:
+    """Give the lock up after a merge that failed (one that succeeds removes the whole work folder)."""
+    (root / LOCK_FILE).unlink(missing_ok=True)
 
 
 def merge(dataset: str, items: list[VideoItem], backbones: list[Backbone], outs: list[Path],
@@ -248,8 +356,17 @@ def merge(dataset: str, items: list[VideoItem], backbones: list[Backbone], outs:
                        item.captions, source={k: row[k] for k in ("decoder", "fallback_reason") if k in row})
         manifest = writer.commit()
         manifests.append({**manifest, "out": str(out), "failed": writer.failures})
-    shutil.rmtree(root, ignore_errors=True)
+    _remove_work(root)
     return manifests
+
+
+def _remove_work(root: Path) -> None:
+    """Remove the work folder as a whole: renamed aside first, so a kill halfway through the
+    deletion cannot leave a half-deleted work folder that a later prepare would resume from."""
+    trash = root.with_name(f"{root.name}.removing")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(root, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def prepare_items(items: list[VideoItem], out: Path, dataset: str, backbone: Backbone, sampling: Sampling,
@@ -257,8 +374,17 @@ def prepare_items(items: list[VideoItem], out: Path, dataset: str, backbone: Bac
     """Prepare ``items`` unsharded with one backbone; the store's manifest plus a ``failed`` list."""
     summary = prepare(dataset, items, [backbone], [Path(out)],
                       PrepareOptions(sampling=sampling, workers=workers), progress)
+    if not summary["merged"]:
+        raise UserError(merging_elsewhere_message(summary["merging_elsewhere"]))
     return summary["manifests"][0]
 
 
-__all__ = ["PrepareOptions", "Protocol", "dataset_items", "imported_items", "merge", "prepare", "prepare_items",
-           "shard_from_env"]
+def merging_elsewhere_message(holder: dict[str, Any]) -> str:
+    """Why this prepare did not write the store: another process holds the merge lock."""
+    who = f"process {holder['pid']} on {holder.get('host')}" if "pid" in holder else "another process"
+    return (f"{who} is merging this prepare (lock {holder['lock']}); if it is no longer running, "
+            f"delete that file and run the prepare again")
+
+
+__all__ = ["PrepareOptions", "Protocol", "dataset_items", "imported_items", "merge", "merging_elsewhere_message",
+           "prepare", "prepare_items", "shard_from_env"]

@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssbctl.config import Recipe, TrainConfig
-from ssbctl.data.loader import Collate, EpochBatchSampler, PairDataset
+from ssbctl.data.loader import Collate, EpochBatchSampler, PairDataset, check_global_batch, split_pairs
+from ssbctl.data.store import FeatureStore
 from ssbctl.engine.accumulate import accumulated_backward
 from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, remap_optimizer_state,
                                       save_checkpoint)
@@ -108,6 +109,13 @@ def build_optimizer(model: SSBModel, cfg: TrainConfig) -> torch.optim.AdamW:
          for (pretrained, no_decay), ps in _param_groups(model).items()])
 
 
+def check_training_batch(recipe: Recipe, store: FeatureStore, world: int) -> None:
+    """Refuse a recipe whose global batch the training split cannot fill or the processes cannot share."""
+    split = recipe.data.train_split
+    pairs = len(split_pairs(store, split))
+    check_global_batch(recipe.train.batch_size, pairs, world, f"split '{split}' of {store.root}")
+
+
 def rng_states() -> dict[str, Any]:
     """Every RNG state training depends on."""
     states: dict[str, Any] = {"torch": torch.get_rng_state()}
@@ -131,12 +139,10 @@ class Trainer:
         self.cfg = recipe.train
         self.run_dir = Path(run_dir)
         self.dist, self.device = setup(self.cfg.device)
-        if self.cfg.batch_size % self.dist.world:
-            raise UserError(f"train.batch_size={self.cfg.batch_size} (the global batch) must be divisible by "
-                            f"the {self.dist.world} processes")
         self.reporter = (reporter or SilentReporter()) if self.dist.is_main else SilentReporter()
         self.amp = amp_dtype(self.cfg.precision, self.device)
         self.store = open_stores(recipe.data.prepared, recipe.data.experts)
+        check_training_batch(recipe, self.store, self.dist.world)  # before loading features or models
         self.dataset = PairDataset(self.store, recipe.data.train_split)
         checkpoint = self._checkpoint_to_resume(resume)
         torch.manual_seed(self.cfg.seed)
@@ -353,13 +359,25 @@ class Trainer:
         """One metrics row; ``data_wait`` is the share of the time spent waiting for batches."""
         if not self.dist.is_main:
             return
-        row = {"step": self.state.step, "epoch": self.state.epoch, "lr": self.scheduler.get_last_lr()[-1],
+        row = {"step": self.state.step, "epoch": self.state.epoch, **self._learning_rates(),
                **terms, "clips_per_s": clips_per_s * self.dist.world, "data_wait": data_wait, "time": time.time()}
         if self.module.temperature is not None:  # InfoNCE's learned temperature; max-margin has none
             row["temperature"] = self.module.temperature
         if self.scaler.is_enabled():
             row["loss_scale"] = self.scaler.get_scale()
         append_jsonl(self.run_dir / METRICS_FILE, row)
+
+    def _learning_rates(self) -> dict[str, float]:
+        """``lr``: the rate of the model's own parameters (``train.lr`` on its schedule); ``lr_text``:
+        that of the pretrained text encoder (``train.text_lr``), present only while it trains.
+
+        Groups are told apart by their parameters, not their order or a saved name, so this
+        holds for checkpoints written before, too."""
+        text = {id(p) for p in self.module.text.backbone.parameters()}
+        rates: dict[str, float] = {}
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            rates.setdefault("lr_text" if id(group["params"][0]) in text else "lr", float(lr))
+        return rates
 
     def _end_of_epoch(self) -> dict[str, Any] | None:
         result = None

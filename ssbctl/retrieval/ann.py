@@ -48,7 +48,9 @@ def build_ann(embeddings: torch.Tensor, folder: Path, factory: str = "", nprobe:
 
 
 def ann_search(folder: Path, queries: torch.Tensor, k: int, nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Approximate top-k (scores, rows) from the index folder's faiss file (memory-mapped)."""
+    """Approximate top-k (scores, rows) ``(Q, k)`` from the index folder's faiss file (memory-mapped).
+
+    Slots faiss could not fill (the probed cells hold fewer than ``k`` vectors) have row -1."""
     faiss = _faiss()
     path = folder / FAISS_FILE
     if not path.is_file():

@@ -23,8 +23,10 @@ def support_attention(run: LoadedRun, index: Index, query: torch.Tensor, k: int 
     support = run.model.support
     if support is None:
         raise UserError("this run has no support set (trained with model.support.mask = none)")
-    scores, rows = index.top(query[:1], k)
-    rows = rows[0]
+    scores, found = index.top(query[:1], k)
+    rows = found[0]
+    if rows.numel() == 0:
+        raise UserError("the index found no video for this query")
     videos = index.embeddings[rows].float().to(run.device)  # (k, D)
     ids = torch.arange(len(rows), device=run.device)  # distinct videos
     weights = support.attention(videos, ids).cpu()  # (k, k)
@@ -39,8 +41,8 @@ def dual_softmax(index: Index, queries: torch.Tensor, bank: torch.Tensor, k: int
     """Re-rank each query's top ``candidates`` by dual softmax over the queries plus a bank of
     other queries: a video many other queries also match is pushed down. Plain scores are kept
     beside the re-ranked ones (``score`` and ``ds_score``)."""
-    _, rows = index.top(queries, candidates)
-    pool = torch.unique(rows)  # candidate videos of all queries
+    _, rows = index.top(queries, candidates)  # per query; an approximate index may find fewer
+    pool = torch.unique(torch.cat(rows))  # candidate videos of all queries
     gallery = index.embeddings[pool].float()  # (C, D)
     sims = torch.cat([queries.float(), bank.float()]) @ gallery.t()  # (Q + M, C)
     prior = torch.softmax(sims * temperature, dim=0)[: queries.shape[0]]  # each video's share per query

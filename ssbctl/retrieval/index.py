@@ -74,19 +74,27 @@ class Index:
             raise ValueError("one video record per embedding row is required")
 
     def search(self, queries: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
-        """Top-``k`` videos for each normalised query ``(Q, D)``: rank, video_id, score, path."""
+        """Top-``k`` videos for each normalised query ``(Q, D)``: rank, video_id, score, path
+        (fewer than ``k`` when an approximate index finds fewer)."""
         scores, rows = self.top(queries, k)
         return [[{"rank": r + 1, "video_id": self.videos[i]["video_id"], "score": float(s),
                   "path": self.videos[i]["path"]} for r, (s, i) in enumerate(zip(srow.tolist(), irow.tolist()))]
                 for srow, irow in zip(scores, rows)]
 
-    def top(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and rows ``(Q, k)`` of the best ``k`` videos per query."""
+    def top(self, queries: torch.Tensor, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Scores and rows of the best ``k`` videos of each query, best first: one 1-D tensor per query.
+
+        Exact search always gives ``min(k, N)``. The faiss backend gives fewer when the cells it
+        probes hold fewer than ``k`` videos: faiss fills those slots with row -1, which are dropped
+        here (indexing with -1 would silently name the last video)."""
         if self.backend == "faiss" and self.folder is not None:
             from ssbctl.retrieval.ann import ann_search
 
-            return ann_search(self.folder, queries, min(k, len(self.videos)))
-        return topk_search(queries.float(), self.embeddings.float(), k)
+            scores, rows = ann_search(self.folder, queries, min(k, len(self.videos)))
+            found = [r >= 0 for r in rows]
+            return [s[f] for s, f in zip(scores, found)], [r[f] for r, f in zip(rows, found)]
+        scores, rows = topk_search(queries.float(), self.embeddings.float(), k)
+        return list(scores.unbind(0)), list(rows.unbind(0))
 
     def save(self, folder: Path, dtype: torch.dtype = torch.float32) -> None:
         """Write the index folder whole (temp folder, then rename)."""
