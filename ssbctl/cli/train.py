@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -35,14 +37,20 @@ def train(
     from ssbctl.engine.distributed import DistInfo, teardown
     from ssbctl.engine.train_setup import launch_torchrun, resolve_recipe
     from ssbctl.engine.trainer import train as run_training
+    from ssbctl.io import check_output, lock_env, output_lock
 
-    if nproc > 1:
-        raise typer.Exit(launch_torchrun(nproc))
     resolved, run_dir = resolve_recipe(recipe, overrides or [], output, resume)
-    try:
-        summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter())
-    finally:
-        teardown()
+    if not resume:
+        check_output(run_dir, "run")  # a fresh run writes into --out: only a new, empty or run folder
+    if nproc > 1:  # the launcher holds the run's lock for the processes it starts
+        with output_lock(run_dir) as lock:
+            raise typer.Exit(launch_torchrun(nproc, env=lock_env([lock])))
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 alone takes the lock
+    with output_lock(run_dir) if main_process else nullcontext():
+        try:
+            summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter())
+        finally:
+            teardown()
     if not DistInfo(rank=summary["rank"]).is_main:
         return
     if as_json:
