@@ -7,6 +7,7 @@ folder that ssbctl itself wrote as the same kind of output (store, index, run, d
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -211,25 +212,33 @@ def _holder_text(fd: int) -> dict[str, Any]:
 def _describe(holder: dict[str, Any]) -> str:
     if not holder:
         return "another ssbctl process"
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+    stamp = holder.get("since")
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp if isinstance(stamp, (int, float)) else 0))
     return f"pid {holder.get('pid')} on {holder.get('host')} since {since} ({holder.get('command', '?')})"
 
 
-def _inherited(lock: Path) -> bool:
-    """Whether a launcher that started this process holds ``lock`` for it (torchrun workers)."""
-    try:
-        pid = json.loads(os.environ.get(LOCKS_ENV, "{}")).get(str(lock))
-    except ValueError:
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the process a lock file names may still run (unknown for another host: yes)."""
+    if not isinstance(holder.get("pid"), int):
         return False
-    if not isinstance(pid, int):
-        return False
+    if holder.get("host") != socket.gethostname():
+        return True
     try:
-        os.kill(pid, 0)
+        os.kill(holder["pid"], 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
     return True
+
+
+def _inherited(lock: Path) -> bool:
+    """Whether a launcher that started this process holds ``lock`` for it (torchrun workers)."""
+    try:
+        held = json.loads(os.environ.get(LOCKS_ENV, "{}"))
+    except ValueError:
+        return False
+    return isinstance(held, dict) and _alive({"pid": held.get(str(lock)), "host": socket.gethostname()})
 
 
 def _acquire(lock: Path, target: Path) -> int:
@@ -239,11 +248,14 @@ def _acquire(lock: Path, target: Path) -> int:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             holder = _holder_text(fd)
-            os.close(fd)
-            raise UserError(f"{target} is in use by {_describe(holder)}; wait for it to finish "
-                            f"(lock: {lock})") from None
+            # EAGAIN/EACCES: held. Anything else (ENOLCK: a file system without locks): held if
+            # the file names a live process (this host) or any process of another host.
+            if exc.errno in (errno.EAGAIN, errno.EACCES) or _alive(holder):
+                os.close(fd)
+                raise UserError(f"{target} is in use by {_describe(holder)}; wait for it to finish "
+                                f"(lock: {lock})") from None
         try:
             current = os.stat(lock)
         except FileNotFoundError:

@@ -93,7 +93,8 @@ def test_prepare_uses_an_empty_folder_and_replaces_only_its_own_store(my_clips: 
     out.mkdir()
 
     def prepare(target: Path) -> int:
-        return main(["prepare", "custom", "--annotations", str(my_clips / "captions.jsonl"), "--out", str(target), *PREP])
+        return main(["prepare", "custom", "--annotations", str(my_clips / "captions.jsonl"), "--out", str(target),
+                     *PREP])
 
     assert prepare(out) == 0
     first = _snapshot(out)
@@ -191,7 +192,8 @@ def test_second_writer_of_an_output_is_refused_naming_the_holder(my_clips: Path,
     prep = ["prepare", "custom", "--annotations", str(my_clips / "captions.jsonl"), *PREP]
     recipe = _write_recipe(tmp_path / "tiny.toml", tiny_overrides(shapes_store, tiny_text_model, run))
     for target, argv in ((store, [*prep, "--out", str(store)]), (index, ["index", str(tiny_run), "--out", str(index)]),
-                         (run, ["train", "--recipe", str(recipe), "--out", str(run)])):
+                         (run, ["train", "--recipe", str(recipe), "--out", str(run)]),
+                         (run, ["train", "--recipe", str(recipe), "--out", str(run), "--nproc", "2"])):
         holder = _hold(target)
         try:
             assert main(argv) == 2
