@@ -16,6 +16,7 @@ from ssbctl.data.video import Sampling
 from ssbctl.engine.run import load_run
 from ssbctl.engine.trainer import Reporter, train
 from ssbctl.evaluation.evaluate import embed_texts, evaluate_split
+from ssbctl.io import check_output, mark_kind
 from ssbctl.retrieval.build import index_store
 
 EXAMPLE_QUERIES = (
@@ -43,7 +44,13 @@ def run_demo(out: Path, index_dir: Path, spec: ShapesSpec, overrides: list[str],
     """Prepare shapes under ``out``, train the shapes recipe, evaluate on test, index, query.
 
     ``progress(stage)`` returns a context manager yielding ``update(done, total)`` (or None).
+    ``out`` must be new, empty or an earlier demo folder, and ``index_dir`` new, empty or an index:
+    the demo rewrites both, so anything else is refused before any work.
     """
+    check_output(out, "demo")
+    check_output(index_dir, "index")
+    out.mkdir(parents=True, exist_ok=True)
+    mark_kind(out, "demo")
     stage = progress or (lambda _name: _Null())
     with stage("generate clips") as update:
         items = dataset_items("shapes", out / "raw", None, spec, update)

@@ -28,10 +28,13 @@ def demo(
     """Generate shapes clips, prepare, train, evaluate on test, build the default index, run example queries."""
     from ssbctl.data.datasets.shapes import ShapesSpec
     from ssbctl.demo import run_demo
+    from ssbctl.io import output_lock
     from ssbctl.paths import default_index, home
 
-    result = run_demo((output or home() / "demo").resolve(), default_index(), ShapesSpec(num_videos=num_videos, seed=seed),
-                      [f"train.seed={seed}", *(overrides or [])], RichReporter(), progress_bar)
+    folder, index_dir = (output or home() / "demo").resolve(), default_index()
+    with output_lock(folder), output_lock(index_dir):
+        result = run_demo(folder, index_dir, ShapesSpec(num_videos=num_videos, seed=seed),
+                          [f"train.seed={seed}", *(overrides or [])], RichReporter(), progress_bar)
     if as_json:
         print_json({"run": str(result.run_dir), "index": str(result.index_dir), "test": result.metrics,
                     "queries": result.queries})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -33,16 +33,33 @@ def index(
     as_json: JsonOption = False,
 ) -> None:
     """Build an index folder: normalised video embeddings, ids and source paths."""
+    from ssbctl.io import check_output, output_lock
+    from ssbctl.paths import default_index
+
+    target = output or default_index()
+    with output_lock(target):
+        check_output(target, "index", (run, videos))  # only an earlier index is replaced
+        summary = _build(run, data, videos, half, workers, faiss, split, target, checkpoint, device)
+    if as_json:
+        print_json(summary)
+    else:
+        out.print(f"indexed {summary['videos']} videos -> {target} (embedded {summary['embedded']}, "
+                  f"reused {summary['reused']}, unreadable {len(summary['failed'])})")
+
+
+def _build(run: Path, data: str | None, videos: Path | None, half: bool, workers: int, faiss: str | None,
+           split: list[str] | None, target: Path, checkpoint: str | None, device: str) -> dict[str, Any]:
+    """Write the index folder ``target`` (the caller holds its lock); return the summary."""
     import torch
 
     from ssbctl.cli.common import err, progress_bar
     from ssbctl.engine.run import load_run
-    from ssbctl.paths import default_index, open_stores
+    from ssbctl.io import check_output
+    from ssbctl.paths import open_stores
     from ssbctl.retrieval.build import index_store
     from ssbctl.retrieval.videos import index_videos
 
     loaded = load_run(run, checkpoint, device)
-    target = output or default_index()
     dtype = torch.float16 if half else torch.float32
     if videos is not None:
         with progress_bar("index videos") as update:
@@ -51,6 +68,7 @@ def index(
             err.print(f"[yellow]skipped[/] {row['path']}: {row['reason']}")
     else:
         store = open_stores(data or loaded.recipe.data.prepared, loaded.recipe.data.experts)
+        check_output(target, "index", [store.root, *(s.root for s in store.extra)])
         built = index_store(loaded, store, split or None)
         built.save(target, dtype)
         summary = {"index": str(target), "videos": len(built.videos), "embedded": len(built.videos), "reused": 0,
@@ -63,8 +81,4 @@ def index(
         built_index = Index.load(target)
         summary["faiss"] = build_ann(built_index.embeddings, target, "" if faiss == "ivf" else faiss)
         atomic_write_json(target / "index.json", {**built_index.meta, "faiss": summary["faiss"]})
-    if as_json:
-        print_json(summary)
-    else:
-        out.print(f"indexed {summary['videos']} videos -> {target} (embedded {summary['embedded']}, "
-                  f"reused {summary['reused']}, unreadable {len(summary['failed'])})")
+    return summary

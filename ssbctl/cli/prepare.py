@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
@@ -71,6 +72,7 @@ def prepare(
     from ssbctl.data.prepare import prepare as run_prepare
     from ssbctl.data.video import Sampling
     from ssbctl.errors import UserError
+    from ssbctl.io import check_output, output_lock
     from ssbctl.paths import home
 
     sha256 = check_download_options(download, urls, sha256)
@@ -78,6 +80,9 @@ def prepare(
         raise UserError("--max-extract-bytes needs --download")
     limits = ExtractLimits.from_env(max_extract_bytes) if download else None
     protocol = dataset_spec(dataset).protocol
+    inputs = (annotations, root, features)
+    if output is not None and (features is not None or len(backbones or ["pixels"]) == 1):
+        check_output(output, "store", inputs)  # before any download or decoding
     mode = sampling or ("uniform" if dataset in ("shapes", "custom") else "fps")
     if mode not in ("uniform", "fps") or (frames is not None and frames < 1):
         raise UserError("--sampling must be uniform or fps, and --frames at least 1")
@@ -101,7 +106,10 @@ def prepare(
     opts = PrepareOptions(sampling=Sampling(mode, frames or protocol.max_frames, fps), shard=k, num_shards=n,
                           workers=workers, max_failures=max_failures, chunk_size=max(1, chunk_size),
                           features=features is not None)
-    with progress_bar(f"prepare {dataset} [{k}/{n}]") as update:
+    with ExitStack() as held, progress_bar(f"prepare {dataset} [{k}/{n}]") as update:
+        for target in outs:  # one prepare per output (per shard of it: shards run side by side)
+            held.enter_context(output_lock(target, f"shard-{k}-of-{n}" if n > 1 else ""))
+            check_output(target, "store", inputs)
         summary = run_prepare(dataset, items, models, outs, opts, update)
     if as_json:
         print_json(summary)

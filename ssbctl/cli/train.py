@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -37,13 +39,19 @@ def train(
     from ssbctl.engine.train_setup import launch_torchrun, resolve_recipe
     from ssbctl.engine.trainer import check_training_batch
     from ssbctl.engine.trainer import train as run_training
+    from ssbctl.io import check_output, lock_env, output_lock
     from ssbctl.paths import open_stores
 
     resolved, run_dir = resolve_recipe(recipe, overrides or [], output, resume)
+    if not resume:
+        check_output(run_dir, "run")  # a fresh run writes into --out: only a new, empty or run folder
     if nproc > 1:  # the checks every worker would fail on, once and before starting them
         check_training_batch(resolved, open_stores(resolved.data.prepared, resolved.data.experts), nproc)
-        raise typer.Exit(launch_torchrun(nproc, _command_line(ctx)))
-    summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter())  # leaves the process group
+        with output_lock(run_dir) as lock:  # the launcher holds the run's lock for the processes it starts
+            raise typer.Exit(launch_torchrun(nproc, _command_line(ctx), env=lock_env([lock])))
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 alone takes the lock
+    with output_lock(run_dir) if main_process else nullcontext():
+        summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter())  # leaves the process group
     if not DistInfo(rank=summary["rank"]).is_main:
         return
     if as_json:

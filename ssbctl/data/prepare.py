@@ -39,7 +39,7 @@ from ssbctl.data.decode_pool import DecodePool, load_features_file
 from ssbctl.data.store import StoreWriter
 from ssbctl.data.video import DecodeError, Decoded, Sampling
 from ssbctl.errors import DataError, UserError
-from ssbctl.io import append_jsonl, atomic_write_json, read_jsonl
+from ssbctl.io import append_jsonl, atomic_write_json, check_output, read_jsonl
 from ssbctl.paths import home
 
 Progress = Callable[[int, int], None]
@@ -158,6 +158,8 @@ def prepare(dataset: str, items: list[VideoItem], backbones: list[Backbone], out
     """Prepare this process's shard; merge when every shard is done. Returns a summary."""
     if not 0 <= opts.shard < opts.num_shards:
         raise UserError(f"--shard must be K/N with 0 <= K < N, got {opts.shard}/{opts.num_shards}")
+    for out in outs:  # only an earlier store may be replaced: refuse before any work
+        check_output(out, "store")
     root = work_root(outs[0])
     root.mkdir(parents=True, exist_ok=True)
     _check_settings(root, {"dataset": dataset, "backbones": [[b.name, b.options()] for b in backbones],
@@ -186,6 +188,7 @@ def _run_shard(items: list[VideoItem], backbones: list[Backbone], work: ShardWor
                progress: Progress | None) -> None:
     todo = [it for it in items if it.video_id not in work.done]
     done = len(items) - len(todo)
+    _check_failures(work, opts)  # failures of earlier, interrupted runs count too
     pool = DecodePool(opts.sampling, opts.workers, opts.timeout, opts.features)
     for key, decoded, reason in pool.map((i, it.path) for i, it in enumerate(todo)):
         item = todo[key]
@@ -197,10 +200,7 @@ def _run_shard(items: list[VideoItem], backbones: list[Backbone], work: ShardWor
                 reason = str(exc)
         if reason is not None:
             work.fail(item.video_id, reason)
-            if 0 <= opts.max_failures < work.failures:
-                work.flush()
-                raise DataError(f"{work.failures} videos could not be used (--max-failures {opts.max_failures}); "
-                                f"see {work.log}")
+            _check_failures(work, opts)
         done += 1
         if progress:
             progress(done, len(items))
@@ -213,6 +213,15 @@ def _source(decoded: Decoded) -> dict[str, Any]:
         return {}
     return {"decoder": decoded.decoder, **({"fallback_reason": decoded.fallback_reason}
                                            if decoded.fallback_reason else {})}
+
+
+def _check_failures(work: ShardWork, opts: PrepareOptions) -> None:
+    """Stop once more videos of this shard are unusable than ``--max-failures`` allows (counting
+    those recorded by earlier runs, so that a rerun does not start the count afresh)."""
+    if 0 <= opts.max_failures < work.failures:
+        work.flush()
+        raise DataError(f"{work.failures} videos could not be used (--max-failures {opts.max_failures}); "
+                        f"see {work.log}")
 
 
 def _encode(backbone: Backbone, frames: Any, imported: bool) -> torch.Tensor:

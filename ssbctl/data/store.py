@@ -10,7 +10,8 @@ Layout (``FORMAT_VERSION`` 1)::
     failures.jsonl               video_id, path, reason (videos that could not be used)
 
 The writer builds everything in a hidden sibling folder and renames it into place at the end,
-so a prepare that dies leaves either the previous store or none, never a half-written one.
+so a prepare that dies leaves either the previous store or none, never a half-written one. It
+replaces only an earlier store (see :func:`ssbctl.io.check_output`), never other files.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from safetensors.torch import save_file
 from ssbctl.data.backbones import Backbone
 from ssbctl.data.video import Sampling
 from ssbctl.errors import UserError
-from ssbctl.io import atomic_write_json, atomic_write_text, fresh_dir, jsonl_text, read_jsonl, replace_dir
+from ssbctl.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, read_jsonl,
+                       replace_dir)
 
 FORMAT_VERSION = 1
 
@@ -38,6 +40,7 @@ class StoreWriter:
     def __init__(self, root: Path, dataset: str, backbone: Backbone, sampling: Sampling,
                  shard_size: int = 512, protocol: dict[str, Any] | None = None) -> None:
         self.root = Path(root)
+        check_output(self.root, "store")  # before any work: replacing anything but a store loses data
         self.tmp = fresh_dir(self.root.parent / f".{self.root.name}.writing")
         self.dataset, self.backbone, self.sampling, self.shard_size = dataset, backbone, sampling, shard_size
         self.protocol = protocol or {}
@@ -91,7 +94,7 @@ class StoreWriter:
         atomic_write_text(self.tmp / "captions.jsonl", jsonl_text(self.captions))
         atomic_write_text(self.tmp / "failures.jsonl", jsonl_text(self.failures))
         atomic_write_json(self.tmp / "manifest.json", manifest)
-        replace_dir(self.tmp, self.root)
+        replace_dir(self.tmp, self.root, kind="store")
         return manifest
 
 

@@ -18,7 +18,7 @@ import torch
 from ssbctl.config import Recipe, dump_toml, read_toml, recipe_from_dict, to_dict
 from ssbctl.engine.checkpoint import find_checkpoint, load_weights
 from ssbctl.errors import UserError
-from ssbctl.io import atomic_write_json, atomic_write_text, fresh_dir, replace_dir
+from ssbctl.io import atomic_write_json, atomic_write_text, check_output, fresh_dir, mark_kind, replace_dir
 from ssbctl.model.ssb import SSBModel
 from ssbctl.model.text_encoder import text_backbone_from_folder
 
@@ -39,8 +39,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 def write_run_files(run_dir: Path, recipe: Recipe, tokenizer: Any, text_config: Any,
                     experts: list[dict[str, Any]]) -> None:
     """Save the resolved recipe, the text model's tokenizer and config, and each expert's backbone
-    and frame sampling (so the run can embed new videos without its prepared data)."""
+    and frame sampling (so the run can embed new videos without its prepared data).
+
+    ``run_dir`` must be new, empty or a run: a run is written into, never into other files."""
+    check_output(run_dir, "run")
     run_dir.mkdir(parents=True, exist_ok=True)
+    mark_kind(run_dir, "run")
     atomic_write_json(run_dir / EXPERTS_FILE, experts)
     tmp = fresh_dir(run_dir / f".{TEXT_DIR}.tmp")
     tokenizer.save_pretrained(tmp)

@@ -35,8 +35,9 @@ def resolve_recipe(recipe: str | None, overrides: list[str], output: Path | None
     return loaded, Path(output or loaded.train.output_dir)
 
 
-def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
-    """Run this same ``ssbctl train`` command under ``torchrun --standalone`` with ``nproc`` workers."""
+def launch_torchrun(nproc: int, argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
+    """Run this same ``ssbctl train`` command under ``torchrun --standalone`` with ``nproc`` workers
+    (``env``: variables to add to theirs)."""
     if "WORLD_SIZE" in os.environ:
         raise UserError("--nproc is for launching; under torchrun already, drop it")
     args = list(sys.argv[1:] if argv is None else argv)
@@ -51,7 +52,7 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ssbctl", *cleaned]
     # Its own session: a Ctrl-C reaches the workers once, through the forwarding below.
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **(env or {})})
 
     def forward(signum: int, _frame: object) -> None:
         _signal_workers(proc.pid, signum)

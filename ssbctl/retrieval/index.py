@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ssbctl.errors import UserError
-from ssbctl.io import atomic_write_json, atomic_write_text, fresh_dir, jsonl_text, read_jsonl, replace_dir
+from ssbctl.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, read_jsonl,
+                       replace_dir)
 
 FORMAT_VERSION = 1
 
@@ -97,8 +98,9 @@ class Index:
         return list(scores.unbind(0)), list(rows.unbind(0))
 
     def save(self, folder: Path, dtype: torch.dtype = torch.float32) -> None:
-        """Write the index folder whole (temp folder, then rename)."""
+        """Write the index folder whole (temp folder, then rename); it replaces only an earlier index."""
         folder = Path(folder)
+        check_output(folder, "index")
         tmp = fresh_dir(folder.parent / f".{folder.name}.tmp")
         save_file({"embeddings": self.embeddings.to(dtype).contiguous()}, str(tmp / "embeddings.safetensors"))
         self._save_thumbs(tmp / "thumbs")
@@ -106,7 +108,7 @@ class Index:
         atomic_write_json(tmp / "index.json", {"format_version": FORMAT_VERSION, "count": len(self.videos),
                                                "dim": int(self.embeddings.shape[1]),
                                                "dtype": str(dtype).removeprefix("torch."), **self.meta})
-        replace_dir(tmp, folder)
+        replace_dir(tmp, folder, kind="index")
 
     def _save_thumbs(self, target: Path) -> None:
         target.mkdir()
