@@ -9,6 +9,7 @@ key, so a typo never trains silently with a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,15 @@ from ssbctl.errors import UserError
 from ssbctl.paths import find_config
 
 MASKS = ("none", "identity", "full", "cross")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device_name(name: str, what: str = "--device") -> str:
+    """``name`` if it is auto, cpu, cuda or cuda:N; else a UserError naming ``what``."""
+    base, _, index = name.partition(":")
+    if name in DEVICES or (base == "cuda" and index.isdigit()):
+        return name
+    raise UserError(f"{what} must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def _choice(default: str, choices: tuple[str, ...]) -> Any:
@@ -122,13 +132,15 @@ class TrainConfig:
     min_lr_ratio: float = _min(0.01, 0.0)  # cosine floor as a fraction of the peak
     grad_clip: float = _min(1.0, 0.0)  # max global gradient norm; 0 = off
     precision: str = _choice("bf16", ("bf16", "fp16", "fp32"))  # AMP on CUDA; CPU always fp32
-    device: str = _choice("auto", ("auto", "cpu", "cuda"))  # auto: CUDA when present
+    device: str = _choice("auto", DEVICES)  # auto: CUDA when present
     compile: bool = False  # wrap the model in torch.compile
     seed: int = 0  # seeds data order, initialisation and dropout
     log_every: int = _min(10, 1)  # steps between metrics.jsonl lines
     ckpt_every: int = _min(0, 0)  # steps between checkpoints; 0 = at the end of each epoch
     keep_checkpoints: int = _min(2, 1)  # newest checkpoints kept on disk
-    max_nonfinite: int = _min(20, 1)  # abort after this many consecutive non-finite losses
+    # A run that makes no progress fails (TrainingError, nothing saved in the bad stretch) after this many
+    # non-finite losses in a row, counted across epochs, or after a whole epoch of them if that is fewer.
+    max_nonfinite: int = _min(20, 1)
 
 
 @dataclass(frozen=True)
@@ -153,9 +165,11 @@ def _check_type(key: str, value: Any, kind: Any) -> Any:
         (inner, _) = typing.get_args(kind)
         return tuple(_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if kind in (int, float) and isinstance(value, bool) or not isinstance(value, kind):
         raise UserError(f"recipe key '{key}' must be {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):  # nan, inf and 1e400 parse as TOML floats
+        raise UserError(f"recipe key '{key}' must be a finite number, got {value!r}")
     return value
 
 
@@ -250,8 +264,31 @@ def model_dict(name: str) -> dict[str, Any]:
 
 def build_model_config(data: dict[str, Any]) -> ModelConfig:
     """A ModelConfig from a table that may start from a registered ``name``."""
-    base = model_dict(data["name"]) if data.get("name") else {}
-    return from_dict(ModelConfig, deep_merge(base, data), "model.")
+    name = data.get("name")
+    if name is not None and not isinstance(name, str):
+        raise UserError(f"recipe key 'model.name' must be str, got {name!r}")
+    base = model_dict(name) if name else {}
+    return check_model(from_dict(ModelConfig, deep_merge(base, data), "model."))
+
+
+def check_model(cfg: ModelConfig) -> ModelConfig:
+    """Constraints between model fields that one field's bounds cannot express; returns ``cfg``."""
+    for part in ("video", "decoder"):
+        sub = getattr(cfg, part)
+        if sub.hidden_dim % sub.heads:
+            raise UserError(f"recipe key 'model.{part}.heads' must divide model.{part}.hidden_dim="
+                            f"{sub.hidden_dim}, got {sub.heads}")
+    return cfg
+
+
+def check_recipe(recipe: Recipe) -> Recipe:
+    """Constraints between recipe fields (the model's included); returns ``recipe``."""
+    check_model(recipe.model)
+    train = recipe.train
+    if train.accum_steps > train.batch_size:
+        raise UserError(f"recipe key 'train.accum_steps' must be at most train.batch_size={train.batch_size} "
+                        f"(each micro-batch needs a pair), got {train.accum_steps}")
+    return recipe
 
 
 def load_model_config(name: str) -> ModelConfig:
@@ -276,7 +313,7 @@ def recipe_from_dict(raw: dict[str, Any], resolve_model: bool = True) -> Recipe:
         raise UserError(f"recipe key 'model' must be a table, got {model!r}")
     recipe = from_dict(Recipe, raw)
     model_cfg = build_model_config(model) if resolve_model else from_dict(ModelConfig, model, "model.")
-    return dataclasses.replace(recipe, model=model_cfg)
+    return check_recipe(dataclasses.replace(recipe, model=model_cfg))
 
 
 def dump_toml(data: dict[str, Any], header: str = "") -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,15 +17,46 @@ from rich.table import Table
 err = Console(stderr=True)  # progress and logs
 out = Console(soft_wrap=True)  # results
 
+def check_device(value: str) -> str:
+    """Checks --device while the command line is parsed, before any work (UserError: one line, exit 2)."""
+    from ssbctl.config import check_device_name
+
+    return check_device_name(value)
+
+
+def at_least(low: int, option: str) -> Callable[[int], int]:
+    """A Typer callback refusing integers below ``low`` for ``option`` (UserError: one line, exit 2)."""
+
+    def check(value: int) -> int:
+        if value < low:
+            from ssbctl.errors import UserError
+
+            raise UserError(f"{option} must be at least {low}, got {value}")
+        return value
+
+    return check
+
+
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout instead of a table.")]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)]
 CheckpointOption = Annotated[str | None, typer.Option(help="Checkpoint name or step (default: latest).")]
 IndexOption = Annotated[Path | None, typer.Option("--index", help="Index folder (default: $SSBCTL_HOME/index).")]
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN or Inf float replaced by None: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def print_json(obj: Any) -> None:
-    """One JSON document on stdout, for scripts."""
-    sys.stdout.write(json.dumps(obj) + "\n")
+    """One JSON document on stdout, for scripts: strict JSON (a non-finite number is null)."""
+    sys.stdout.write(json.dumps(_finite(obj), allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ssbctl.cli.common import JsonOption, RichReporter, metrics_table, out, print_json, progress_bar
+from ssbctl.cli.common import JsonOption, RichReporter, at_least, metrics_table, out, print_json, progress_bar
 
 EPILOG = """Examples:
 
@@ -20,7 +20,7 @@ EPILOG = """Examples:
 
 def demo(
     output: Annotated[Path | None, typer.Option("--out", help="Demo folder (default: $SSBCTL_HOME/demo).")] = None,
-    num_videos: Annotated[int, typer.Option(help="Synthetic clips to generate.")] = 600,
+    num_videos: Annotated[int, typer.Option(help="Synthetic clips to generate.", callback=at_least(1, "--num-videos"))] = 600,
     seed: Annotated[int, typer.Option(help="Seed of the data and of training.")] = 0,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a key of the shapes recipe.")] = None,
     as_json: JsonOption = False,

@@ -32,7 +32,8 @@ def evaluate(
 
     loaded = load_run(run, checkpoint, device)
     store = open_stores(data or loaded.recipe.data.prepared, loaded.recipe.data.experts)
-    result = evaluate_split(loaded.model, loaded.tokenizer, store, split, loaded.device)
+    result = evaluate_split(loaded.model, loaded.tokenizer, store, split, loaded.device,
+                            source=f"run {run} [{loaded.checkpoint.name}]")
     if as_json:
         print_json(result)
         return

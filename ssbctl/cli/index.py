@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ssbctl.cli.common import CheckpointOption, DeviceOption, JsonOption, out, print_json
+from ssbctl.cli.common import CheckpointOption, DeviceOption, JsonOption, at_least, out, print_json
 
 EPILOG = """Examples:
 
@@ -24,7 +24,7 @@ def index(
     data: Annotated[str | None, typer.Option(help="Prepared data to index (default: the run's).")] = None,
     videos: Annotated[Path | None, typer.Option(help="Index the video files under this folder instead (incremental).")] = None,
     half: Annotated[bool, typer.Option(help="Store embeddings as float16.")] = False,
-    workers: Annotated[int, typer.Option(help="--videos: decoding processes.")] = 2,
+    workers: Annotated[int, typer.Option(help="--videos: decoding processes.", callback=at_least(0, "--workers"))] = 2,
     faiss: Annotated[str | None, typer.Option(help="Also build an approximate faiss index: 'ivf' or a faiss factory string (IVF4096,PQ32).")] = None,
     split: Annotated[list[str] | None, typer.Option(help="Only these splits (repeatable; default: all).")] = None,
     output: Annotated[Path | None, typer.Option("--out", help="Index folder (default: $SSBCTL_HOME/index).")] = None,
@@ -54,11 +54,14 @@ def _build(run: Path, data: str | None, videos: Path | None, half: bool, workers
 
     from ssbctl.cli.common import err, progress_bar
     from ssbctl.engine.run import load_run
+    from ssbctl.errors import UserError
     from ssbctl.io import check_output
     from ssbctl.paths import open_stores
     from ssbctl.retrieval.build import index_store
     from ssbctl.retrieval.videos import index_videos
 
+    if videos is not None and split:
+        raise UserError("--split selects prepared data; it does not go with --videos")
     loaded = load_run(run, checkpoint, device)
     dtype = torch.float16 if half else torch.float32
     if videos is not None:

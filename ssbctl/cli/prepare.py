@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ssbctl.cli.common import JsonOption, err, out, print_json, progress_bar
+from ssbctl.cli.common import JsonOption, at_least, check_device, err, out, print_json, progress_bar
 
 EPILOG = """Examples:
 
@@ -37,6 +37,17 @@ def _shard(value: str | None) -> tuple[int, int]:
     return k, n
 
 
+def _positive_fps(value: float) -> float:
+    """--fps must be a positive, finite number (0 would sample no frame at all)."""
+    import math
+
+    from ssbctl.errors import UserError
+
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"--fps must be a positive number, got {value}")
+    return value
+
+
 def prepare(
     dataset: Annotated[str, typer.Argument(help="msrvtt, msvd, vatex, activitynet, didemo, custom or shapes.")],
     root: Annotated[Path | None, typer.Option(help="The dataset folder as its publishers ship it (shapes: where clips are generated).")] = None,
@@ -51,14 +62,16 @@ def prepare(
     split: Annotated[str, typer.Option(help="msrvtt: training split 9k or 7k.")] = "9k",
     frames: Annotated[int | None, typer.Option(help="Most frames per video (default: the dataset's: 12, or 64 for paragraphs).")] = None,
     sampling: Annotated[str | None, typer.Option(help="fps (default for real datasets) or uniform (segment centres).")] = None,
-    fps: Annotated[float, typer.Option(help="fps sampling: frames per second.")] = 1.0,
+    fps: Annotated[float, typer.Option(help="fps sampling: frames per second.", callback=_positive_fps)] = 1.0,
     pixel_size: Annotated[int, typer.Option(help="pixels backbone: frames are resized to this square size.")] = 16,
     shard: Annotated[str | None, typer.Option(help="K/N: prepare every N-th video from the K-th (default: torchrun's RANK/WORLD_SIZE).")] = None,
-    workers: Annotated[int, typer.Option(help="Decoding processes (0: in-process, no crash isolation).")] = 2,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: in-process, no crash isolation).",
+                                         callback=at_least(0, "--workers"))] = 2,
     max_failures: Annotated[int, typer.Option(help="Fail once more videos than this are unusable (-1: never).")] = -1,
     chunk_size: Annotated[int, typer.Option(help="Videos per saved work chunk: what a killed prepare may redo.")] = 64,
-    device: Annotated[str, typer.Option(help="Where learned backbones run: auto, cpu or cuda.")] = "auto",
-    num_videos: Annotated[int, typer.Option(help="shapes: clips to generate.")] = 600,
+    device: Annotated[str, typer.Option(help="Where learned backbones run: auto, cpu, cuda or cuda:N.",
+                                        callback=check_device)] = "auto",
+    num_videos: Annotated[int, typer.Option(help="shapes: clips to generate.", callback=at_least(1, "--num-videos"))] = 600,
     seed: Annotated[int, typer.Option(help="shapes: generation seed.")] = 0,
     as_json: JsonOption = False,
 ) -> None:

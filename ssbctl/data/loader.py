@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ssbctl.data.store import FeatureStore
-from ssbctl.errors import UserError
+from ssbctl.errors import DataError, UserError
 from ssbctl.model.ssb import Batch
 
 
@@ -30,12 +30,27 @@ def check_global_batch(batch_size: int, pairs: int, world: int = 1, split: str =
                         f"(video, caption) pairs of {split}; lower train.batch_size")
 
 
+def check_finite_features(store: FeatureStore, videos: list[dict[str, Any]],
+                          features: list[list[torch.Tensor]], split: str) -> None:
+    """Raise a DataError naming the store and the count when any video's features hold NaN or Inf.
+
+    ``prepare`` never writes such features, but a store written or altered by other tools can
+    hold them; every batch with one such video has a non-finite loss (and every score one)."""
+    roots = [store.root, *(other.root for other in getattr(store, "extra", []))]
+    for root, expert in zip(roots, features):
+        bad = [videos[i]["video_id"] for i, f in enumerate(expert) if not torch.isfinite(f).all()]
+        if bad:
+            raise DataError(f"{root}: {len(bad)} of {len(videos)} videos of split '{split}' have non-finite "
+                            f"(NaN or Inf) features, e.g. {bad[0]}; prepare the data again")
+
+
 class PairDataset(Dataset):
     """Every (video, caption) pair of one split, with the videos' features held in memory."""
 
     def __init__(self, store: FeatureStore, split: str) -> None:
         self.videos = store.split_videos(split)
         self.features = store.load_experts(self.videos)  # [expert][video] (T, dim)
+        check_finite_features(store, self.videos, self.features, split)
         self.pairs = split_pairs(store, split)
 
     def __len__(self) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ssbctl.config import Recipe, dump_toml, read_toml, recipe_from_dict, to_dict
+from ssbctl.config import Recipe, check_device_name, dump_toml, read_toml, recipe_from_dict, to_dict
 from ssbctl.engine.checkpoint import find_checkpoint, load_weights
 from ssbctl.errors import UserError
 from ssbctl.io import atomic_write_json, atomic_write_text, check_output, fresh_dir, mark_kind, replace_dir
@@ -28,7 +28,8 @@ EXPERTS_FILE = "experts.json"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it is a user error."""
+    """``auto`` picks CUDA when present; asking for CUDA without it, or another device, is a user error."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

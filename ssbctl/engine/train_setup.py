@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from ssbctl.config import Recipe, deep_merge, load_recipe, parse_override, recipe_from_dict, to_dict
 from ssbctl.engine.run import read_run_recipe
@@ -25,14 +26,28 @@ def resolve_recipe(recipe: str | None, overrides: list[str], output: Path | None
         run_dir = output or (Path(load_recipe(recipe).train.output_dir) if recipe else None)
         if run_dir is None:
             raise UserError("--resume needs --out RUN (or the --recipe whose output_dir to continue)")
-        raw = to_dict(read_run_recipe(run_dir))
+        run_recipe = read_run_recipe(run_dir)
+        raw = to_dict(run_recipe)
         for item in overrides:
             raw = deep_merge(raw, parse_override(item))
-        return recipe_from_dict(raw, resolve_model=False), Path(run_dir)
+        resumed = recipe_from_dict(raw, resolve_model=False)
+        _refuse_model_changes(to_dict(run_recipe.model), to_dict(resumed.model), "model.")
+        return resumed, Path(run_dir)
     if recipe is None:
         raise UserError("--recipe is required (a name such as 'shapes', or a TOML file)")
     loaded = load_recipe(recipe, overrides)
     return loaded, Path(output or loaded.train.output_dir)
+
+
+def _refuse_model_changes(run: dict[str, Any], asked: dict[str, Any], prefix: str) -> None:
+    """A resumed run keeps its architecture (its checkpoints fit no other): an override that would
+    change a ``model.*`` key is a UserError naming the key, never silently ignored."""
+    for key, value in asked.items():
+        if isinstance(value, dict):
+            _refuse_model_changes(run[key], value, f"{prefix}{key}.")
+        elif value != run[key]:
+            raise UserError(f"recipe key '{prefix}{key}' cannot change when resuming (the run has "
+                            f"{run[key]!r}, asked {value!r}); train a new run with --out instead")
 
 
 def launch_torchrun(nproc: int, argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:

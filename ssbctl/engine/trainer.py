@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssbctl.config import Recipe, TrainConfig
-from ssbctl.data.loader import Collate, EpochBatchSampler, PairDataset, check_global_batch, split_pairs
+from ssbctl.data.loader import (Collate, EpochBatchSampler, PairDataset, check_finite_features, check_global_batch,
+                                split_pairs)
 from ssbctl.data.store import FeatureStore
 from ssbctl.engine.accumulate import accumulated_backward
 from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, remap_optimizer_state,
@@ -143,7 +144,12 @@ class Trainer:
         self.amp = amp_dtype(self.cfg.precision, self.device)
         self.store = open_stores(recipe.data.prepared, recipe.data.experts)
         check_training_batch(recipe, self.store, self.dist.world)  # before loading features or models
-        self.dataset = PairDataset(self.store, recipe.data.train_split)
+        check_splits(self.store, recipe)  # before any work: a misspelled eval split would cost an epoch
+        self.dataset = PairDataset(self.store, recipe.data.train_split)  # checks its features are finite
+        if recipe.data.eval_split:  # so can the evaluation after every epoch
+            videos = self.store.split_videos(recipe.data.eval_split)
+            check_finite_features(self.store, videos, self.store.load_experts(videos), recipe.data.eval_split)
+        self._check_accum()
         checkpoint = self._checkpoint_to_resume(resume)
         torch.manual_seed(self.cfg.seed)
         if checkpoint is None:
@@ -172,6 +178,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.state = TrainState()
         self.saved_step = -1
+        self.bad_streak = 0  # non-finite losses in a row, across epochs (the weights have not moved since)
         self.stop_signal: int | None = None  # the signal this process received
         self.stopping = False  # all ranks agreed to stop (see _agree); the loop tests only this
         if checkpoint is not None:
@@ -187,6 +194,13 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
         return torch.compile(model) if self.cfg.compile else model
+
+    def _check_accum(self) -> None:
+        """Each of ``accum_steps`` micro-batches of a process's share of the batch needs a pair."""
+        batch = min(self.cfg.batch_size, len(self.dataset) - len(self.dataset) % self.dist.world)
+        if self.cfg.accum_steps > batch // self.dist.world:
+            raise UserError(f"recipe key 'train.accum_steps' must be at most {batch // self.dist.world} "
+                            f"(the pairs of one batch per process), got {self.cfg.accum_steps}")
 
     def _checkpoint_to_resume(self, resume: bool) -> Path | None:
         found = latest_checkpoint(self.run_dir)
@@ -229,7 +243,13 @@ class Trainer:
         atomic_write_text(path, jsonl_text(r for r in rows if r.get("step", 0) <= self.state.step))
 
     def save(self) -> None:
-        """Write a checkpoint of the current step (rank 0 writes; every rank's RNG state goes in)."""
+        """Write a checkpoint of the current step (rank 0 writes; every rank's RNG state goes in).
+
+        Weights that are no longer finite are never written: training fails instead."""
+        flags = torch.stack([~torch.isfinite(p.detach()).all() for p in self.module.parameters()])
+        if any_rank(flags.any()[None])[0]:
+            raise TrainingError(f"the weights became non-finite by step {self.state.step}; nothing saved "
+                                f"(lower train.lr or check the data)")
         rng = gather_objects(rng_states())
         if self.dist.is_main:
             trainer = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -277,7 +297,6 @@ class Trainer:
     def _run_epoch(self, loader: DataLoader) -> None:
         window: dict[str, torch.Tensor] = {}  # loss terms summed on the device: read back only when logged
         count, clips, waited, tick = 0, 0, 0.0, time.perf_counter()
-        consecutive_bad = 0
         for batch, wait in _timed(loader):
             waited += wait
             terms, stop = self.train_step(batch)
@@ -285,14 +304,11 @@ class Trainer:
             if stop:  # every rank agreed on this at the same step (see _agree)
                 self.stopping, self.stop_signal = True, self.stop_signal or signal.SIGTERM
             if terms is None:
-                consecutive_bad += 1
-                if consecutive_bad >= self.cfg.max_nonfinite:
-                    raise TrainingError(f"loss was non-finite {consecutive_bad} times in a row at step "
-                                        f"{self.state.step}; lower train.lr or check the data")
+                self._count_bad()
                 if stop:
                     return
                 continue
-            consecutive_bad = 0
+            self.bad_streak = 0
             for k, v in terms.items():
                 window[k] = window[k] + v if k in window else v
             count, clips = count + 1, clips + batch.input_ids.shape[0]
@@ -307,6 +323,16 @@ class Trainer:
                 self.save()
             if stop or self.state.step >= self.total_steps:
                 return
+
+    def _count_bad(self) -> None:
+        """Fail once the loss has been non-finite ``max_nonfinite`` times in a row, or for a whole
+        epoch's worth of batches if that is fewer: the run is making no progress. The streak runs
+        across epochs, so short epochs cannot reset it; every rank counts the same agreed flags."""
+        self.bad_streak += 1
+        limit = min(self.cfg.max_nonfinite, self.steps_per_epoch)
+        if self.bad_streak >= limit:
+            raise TrainingError(f"loss was non-finite {self.bad_streak} times in a row at step "
+                                f"{self.state.step}; lower train.lr or check the data")
 
     def train_step(self, batch: Batch) -> tuple[dict[str, torch.Tensor] | None, bool]:
         """One optimizer step, and whether to stop after it.
@@ -390,9 +416,19 @@ class Trainer:
             self.reporter.note(f"epoch {self.state.epoch}: {split} text-to-video R@1 {t2v['R1']:.1f} "
                                f"R@5 {t2v['R5']:.1f} R@10 {t2v['R10']:.1f} MdR {t2v['MdR']:g}")
         barrier()
-        if not self.cfg.ckpt_every:
+        if not self.cfg.ckpt_every and not self.bad_streak:  # mid-streak the weights may be what broke
             self.save()
         return result
+
+
+def check_splits(store: Any, recipe: Recipe) -> None:
+    """Both splits the recipe names exist in its prepared data (a UserError naming the key)."""
+    for key in ("train_split", "eval_split"):
+        split = getattr(recipe.data, key)
+        if split and not any(v["split"] == split for v in store.videos):
+            known = ", ".join(sorted({v["split"] for v in store.videos}))
+            raise UserError(f"recipe key 'data.{key}': split '{split}' has no videos in {store.root} "
+                            f"(splits: {known})")
 
 
 def _timed(loader: DataLoader) -> Iterator[tuple[Batch, float]]:

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from ssbctl.data.loader import Collate, pad_frames
+from ssbctl.data.loader import Collate, check_finite_features, pad_frames
 from ssbctl.data.store import FeatureStore
+from ssbctl.errors import DataError
 from ssbctl.evaluation.metrics import retrieval_metrics
 from ssbctl.model.ssb import SSBModel
 
@@ -57,8 +58,10 @@ def embed_split(model: SSBModel, tokenizer: Any, store: FeatureStore, split: str
     videos = store.split_videos(split)
     row = {v["video_id"]: i for i, v in enumerate(videos)}
     captions = [c for c in store.split_captions(split) if c["video_id"] in row]
+    features = store.load_experts(videos)
+    check_finite_features(store, videos, features, split)
     result = SplitEmbeddings(
-        video=embed_features(model, store.load_experts(videos), device),
+        video=embed_features(model, features, device),
         text=embed_texts(model, tokenizer, [c["caption"] for c in captions], device),
         caption_video=torch.tensor([row[c["video_id"]] for c in captions], dtype=torch.long),
         video_ids=[v["video_id"] for v in videos], video_paths=[v["path"] for v in videos],
@@ -67,8 +70,26 @@ def embed_split(model: SSBModel, tokenizer: Any, store: FeatureStore, split: str
     return result
 
 
+def nonfinite_rows(embeddings: torch.Tensor) -> int:
+    """How many rows of ``(N, D)`` embeddings hold a NaN or an Inf."""
+    return int((~torch.isfinite(embeddings)).any(dim=1).sum()) if embeddings.numel() else 0
+
+
+def require_finite(source: str, **embeddings: torch.Tensor) -> None:
+    """Raise a DataError naming ``source`` (the run and checkpoint) when any embedding is not finite:
+    scores of such a model mean nothing. Keywords name the kinds (``videos=..., captions=...``)."""
+    counts = {kind: (nonfinite_rows(e), len(e)) for kind, e in embeddings.items()}
+    if any(bad for bad, _ in counts.values()):
+        what = " and ".join(f"{bad} of {total} {kind}" for kind, (bad, total) in counts.items() if bad)
+        raise DataError(f"{source} gives non-finite (NaN or Inf) embeddings for {what}; "
+                        f"its weights are broken: use another checkpoint or train again")
+
+
 def evaluate_split(model: SSBModel, tokenizer: Any, store: FeatureStore, split: str,
-                   device: torch.device) -> dict[str, Any]:
-    """The metrics object of DESIGN.md for one split."""
+                   device: torch.device, source: str | None = None) -> dict[str, Any]:
+    """The metrics object of DESIGN.md for one split. With ``source`` (the run, for the message),
+    non-finite embeddings are a DataError; without, their scores rank last."""
     emb = embed_split(model, tokenizer, store, split, device)
+    if source is not None:
+        require_finite(source, videos=emb.video, captions=emb.text)
     return {**retrieval_metrics(emb.text, emb.video, emb.caption_video, ks=store.ks), "split": split}

@@ -7,6 +7,8 @@ Conventions (stated once, used everywhere):
 - Ties go against the model: the rank of the correct item is 1 + the number of *wrong* items
   scoring greater than **or equal to** it. A tie is counted once, never twice, and a model that
   gives every item the same score gets the worst rank, not the best.
+- A non-finite similarity (from a NaN or Inf embedding) counts as ``-inf``: it ranks last, and
+  a correct item whose score is not finite ties with (so ranks below) every such wrong item.
 Similarities are computed in chunks of queries, so memory stays bounded by chunk x gallery.
 """
 
@@ -16,12 +18,18 @@ import numpy as np
 import torch
 
 
+def _finite_or_last(sims: torch.Tensor) -> torch.Tensor:
+    """``sims`` with every NaN and +-Inf replaced by ``-inf`` (NaN compares false both ways, so a
+    NaN target would otherwise beat every competitor)."""
+    return sims.masked_fill(~torch.isfinite(sims), float("-inf"))
+
+
 def t2v_ranks(text: torch.Tensor, video: torch.Tensor, caption_video: torch.Tensor,
               chunk: int = 1024) -> torch.Tensor:
     """1-based rank of the correct video for each caption: ``text (Nc, D)``, ``video (Nv, D)``."""
     ranks = []
     for start in range(0, text.shape[0], chunk):
-        sims = text[start:start + chunk] @ video.t()  # (c, Nv)
+        sims = _finite_or_last(text[start:start + chunk] @ video.t())  # (c, Nv)
         own = caption_video[start:start + chunk, None]  # (c, 1)
         target = sims.gather(1, own)  # (c, 1)
         wrong = torch.ones_like(sims, dtype=torch.bool).scatter_(1, own, False)
@@ -36,7 +44,7 @@ def v2t_ranks(text: torch.Tensor, video: torch.Tensor, caption_video: torch.Tens
     ranks = []
     for start in range(0, len(captioned), chunk):
         ids = captioned[start:start + chunk]  # (c,)
-        sims = video[ids] @ text.t()  # (c, Nc)
+        sims = _finite_or_last(video[ids] @ text.t())  # (c, Nc)
         own = caption_video[None, :] == ids[:, None]  # (c, Nc)
         best = sims.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values  # (c, 1)
         ranks.append(((sims >= best) & ~own).sum(1) + 1)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ssbctl.data.loader import check_finite_features
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import DecodeError, Sampling, read_frames
 from ssbctl.engine.run import LoadedRun
-from ssbctl.evaluation.evaluate import embed_features
+from ssbctl.errors import UserError
+from ssbctl.evaluation.evaluate import embed_features, require_finite
 from ssbctl.retrieval.index import Index
 from ssbctl.retrieval.videos import thumb_name, thumbnail_png
 
@@ -23,8 +25,17 @@ def index_store(run: LoadedRun, store: FeatureStore, splits: list[str] | None = 
                 thumbnails: bool = True) -> Index:
     """Embed every video of ``splits`` (all splits when None) of a prepared store; a thumbnail is
     taken from each source video that is still on disk."""
+    known = {v["split"] for v in store.videos}
+    unknown = sorted(set(splits or ()) - known)
+    if unknown:
+        raise UserError(f"--split {unknown[0]}: no such split in {store.root} (splits: {', '.join(sorted(known))})")
     videos = [v for v in store.videos if splits is None or v["split"] in splits]
-    embeddings = embed_features(run.model, store.load_experts(videos), run.device)
+    if not videos:
+        raise UserError(f"{store.root} has no videos to index")
+    features = store.load_experts(videos)
+    check_finite_features(store, videos, features, ", ".join(splits or sorted(known)))
+    embeddings = embed_features(run.model, features, run.device)
+    require_finite(f"run {run.run_dir} [{run.checkpoint.name}]", videos=embeddings)
     records, thumbs = [], {}
     for v in videos:
         record = {"video_id": v["video_id"], "path": v["path"], "split": v["split"],

@@ -7,6 +7,7 @@ Layout: ``index.json`` (format, run, checkpoint, dim, count, dtype), ``embedding
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,11 @@ def topk_search(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int
     its running top-k and the score it takes to enter it; a chunk is sorted only for the queries
     that have a score above that bar (after the first chunks, few do), so the scan costs little
     more than the matrix products. Memory: ``query_block x chunk`` scores, whatever N is.
-    Returns scores and gallery rows, best first.
+    Returns scores and gallery rows, best first. A non-finite score (a NaN or Inf embedding)
+    ranks below every finite one and comes back as ``-inf``.
     """
     k = min(k, gallery.shape[0])
+    last = torch.finfo(queries.dtype).min  # stands in for non-finite scores: below any real one
     buffer = queries.new_empty(min(query_block, queries.shape[0]), min(chunk, gallery.shape[0]))
     scores_out, rows_out = [], []
     for qs in range(0, queries.shape[0], query_block):
@@ -43,6 +46,7 @@ def topk_search(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int
             part = gallery[start:start + chunk].to(queries.dtype)
             scores = buffer[: block.shape[0], : part.shape[0]]
             torch.mm(block, part.t(), out=scores)  # (q, c)
+            scores.masked_fill_(~torch.isfinite(scores), last)  # NaN would never enter the top-k
             hit = torch.nonzero(scores.amax(dim=1) > best[:, -1]).flatten()  # queries whose top-k changes
             if hit.numel() == 0:
                 continue
@@ -51,7 +55,7 @@ def topk_search(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int
             merged_rows = torch.cat([rows[hit], top.indices + start], dim=1)
             keep = merged.topk(k, dim=1)  # sorted: column -1 is the bar to beat
             best[hit], rows[hit] = keep.values, merged_rows.gather(1, keep.indices)
-        scores_out.append(best)
+        scores_out.append(best.masked_fill(best <= last, float("-inf")))
         rows_out.append(rows)
     if not scores_out:
         return queries.new_zeros(0, k), torch.zeros(0, k, dtype=torch.long)
@@ -76,10 +80,12 @@ class Index:
 
     def search(self, queries: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
         """Top-``k`` videos for each normalised query ``(Q, D)``: rank, video_id, score, path
-        (fewer than ``k`` when an approximate index finds fewer)."""
+        (fewer than ``k`` when an approximate index finds fewer). A score that is not finite is
+        None (valid JSON)."""
         scores, rows = self.top(queries, k)
-        return [[{"rank": r + 1, "video_id": self.videos[i]["video_id"], "score": float(s),
-                  "path": self.videos[i]["path"]} for r, (s, i) in enumerate(zip(srow.tolist(), irow.tolist()))]
+        return [[{"rank": r + 1, "video_id": self.videos[i]["video_id"], "score": s if math.isfinite(s) else None,
+                  "path": self.videos[i]["path"]}
+                 for r, (s, i) in enumerate((s, i) for s, i in zip(srow.tolist(), irow.tolist()) if i >= 0)]
                 for srow, irow in zip(scores, rows)]
 
     def top(self, queries: torch.Tensor, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from ssbctl.engine.run import load_run
-from ssbctl.evaluation.evaluate import embed_texts
+from ssbctl.errors import DataError
+from ssbctl.evaluation.evaluate import embed_texts, nonfinite_rows, require_finite
 from ssbctl.paths import default_index
 from ssbctl.retrieval.explain import dual_softmax, support_attention
 from ssbctl.retrieval.index import Index
@@ -21,10 +22,22 @@ class Searcher:
 
     def __init__(self, index_dir: Path | None = None, device: str = "auto") -> None:
         self.index = Index.load(index_dir or default_index())
+        bad = nonfinite_rows(self.index.embeddings)
+        if bad:  # written by a broken checkpoint before `ssbctl index` refused to
+            raise DataError(f"index {self.index.folder} holds {bad} of {len(self.index.videos)} non-finite "
+                            f"(NaN or Inf) embeddings; build it again from a sound checkpoint")
         self.run = load_run(self.index.meta["run"], self.index.meta.get("checkpoint"), device)
 
+    @property
+    def source(self) -> str:
+        """The run and checkpoint that embed queries, as error messages name them."""
+        return f"run {self.run.run_dir} [{self.run.checkpoint.name}]"
+
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        return embed_texts(self.run.model, self.run.tokenizer, texts, self.run.device)
+        """Normalised text embeddings; a DataError when the run's weights make them non-finite."""
+        embedded = embed_texts(self.run.model, self.run.tokenizer, texts, self.run.device)
+        require_finite(self.source, texts=embedded)
+        return embedded
 
     def videos_for_texts(self, texts: list[str], k: int, bank: list[str] | None = None) -> list[list[dict[str, Any]]]:
         """Top-k videos per text (re-ranked by dual softmax over ``bank`` when given)."""

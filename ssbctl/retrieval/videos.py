@@ -16,7 +16,7 @@ from ssbctl.data.decode_pool import DecodePool
 from ssbctl.data.video import VIDEO_SUFFIXES, Sampling
 from ssbctl.engine.run import LoadedRun, read_expert_specs
 from ssbctl.errors import UserError
-from ssbctl.evaluation.evaluate import embed_features
+from ssbctl.evaluation.evaluate import embed_features, require_finite
 from ssbctl.io import atomic_write_text, jsonl_text, read_jsonl
 from ssbctl.retrieval.index import Index
 
@@ -93,7 +93,9 @@ class VideoEmbedder:
         if not features:
             return torch.zeros(0, self.run.model.cfg.embed_dim)
         by_expert = [[f[e] for f in features] for e in range(len(self.backbones))]
-        return embed_features(self.run.model, by_expert, self.run.device)
+        embedded = embed_features(self.run.model, by_expert, self.run.device)
+        require_finite(f"run {self.run.run_dir} [{self.run.checkpoint.name}]", videos=embedded)
+        return embedded
 
 
 def find_videos(folder: Path) -> list[Path]:
