@@ -69,11 +69,13 @@ def test_a_misspelled_eval_split_is_refused_before_the_first_epoch(capsys, tiny_
     assert not (tmp_path / "run").exists(), "no epoch trained, no run folder written"
 
 
-def test_accum_steps_beyond_the_pairs_of_a_batch_is_refused(capsys, tiny_recipe_args, tmp_path: Path) -> None:
-    """The tiny train split has 36 pairs: a batch_size of 64 is cut to 36, so 40 micro-batches cannot be."""
-    args = tiny_recipe_args("run", **{"train.batch_size": 64, "train.accum_steps": 40})
-    _refused(capsys, ["train", "--recipe", "shapes", *(x for a in args for x in ("--set", a))],
-             "recipe key 'train.accum_steps' must be at most 36")
+def test_accum_steps_beyond_a_process_share_of_the_batch_is_refused(capsys, tiny_recipe_args,
+                                                                    tmp_path: Path) -> None:
+    """Under --nproc 2 a batch of 32 gives each process 16 pairs: 20 micro-batches cannot be made,
+    and the launcher says so once, before starting any worker."""
+    args = tiny_recipe_args("run", **{"train.batch_size": 32, "train.accum_steps": 20})
+    _refused(capsys, ["train", "--recipe", "shapes", "--nproc", "2", *(x for a in args for x in ("--set", a))],
+             "recipe key 'train.accum_steps' must be at most 16")
     assert not (tmp_path / "run").exists()
 
 

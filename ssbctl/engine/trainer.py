@@ -115,6 +115,10 @@ def check_training_batch(recipe: Recipe, store: FeatureStore, world: int) -> Non
     split = recipe.data.train_split
     pairs = len(split_pairs(store, split))
     check_global_batch(recipe.train.batch_size, pairs, world, f"split '{split}' of {store.root}")
+    per_process = recipe.train.batch_size // world
+    if recipe.train.accum_steps > per_process:  # each micro-batch of a process's share needs a pair
+        raise UserError(f"recipe key 'train.accum_steps' must be at most {per_process} (the pairs of one "
+                        f"batch per process), got {recipe.train.accum_steps}")
 
 
 def rng_states() -> dict[str, Any]:
@@ -149,7 +153,6 @@ class Trainer:
         if recipe.data.eval_split:  # so can the evaluation after every epoch
             videos = self.store.split_videos(recipe.data.eval_split)
             check_finite_features(self.store, videos, self.store.load_experts(videos), recipe.data.eval_split)
-        self._check_accum()
         checkpoint = self._checkpoint_to_resume(resume)
         torch.manual_seed(self.cfg.seed)
         if checkpoint is None:
@@ -194,13 +197,6 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
         return torch.compile(model) if self.cfg.compile else model
-
-    def _check_accum(self) -> None:
-        """Each of ``accum_steps`` micro-batches of a process's share of the batch needs a pair."""
-        batch = min(self.cfg.batch_size, len(self.dataset) - len(self.dataset) % self.dist.world)
-        if self.cfg.accum_steps > batch // self.dist.world:
-            raise UserError(f"recipe key 'train.accum_steps' must be at most {batch // self.dist.world} "
-                            f"(the pairs of one batch per process), got {self.cfg.accum_steps}")
 
     def _checkpoint_to_resume(self, resume: bool) -> Path | None:
         found = latest_checkpoint(self.run_dir)
