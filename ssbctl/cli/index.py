@@ -34,9 +34,10 @@ def index(
 ) -> None:
     """Build an index folder: normalised video embeddings, ids and source paths."""
     import torch
+    from rich.markup import escape
 
     from ssbctl.cli.common import err, progress_bar
-    from ssbctl.engine.run import load_run
+    from ssbctl.engine.run import check_store_fits, load_run
     from ssbctl.paths import default_index, open_stores
     from ssbctl.retrieval.build import index_store
     from ssbctl.retrieval.videos import index_videos
@@ -48,9 +49,10 @@ def index(
         with progress_bar("index videos") as update:
             summary = index_videos(loaded, videos, target, dtype, workers, update)
         for row in summary["failed"]:
-            err.print(f"[yellow]skipped[/] {row['path']}: {row['reason']}")
+            err.print(f"[yellow]skipped[/] {escape(row['path'])}: {escape(row['reason'])}")
     else:
         store = open_stores(data or loaded.recipe.data.prepared, loaded.recipe.data.experts)
+        check_store_fits(loaded.run_dir, loaded.recipe, store)
         built = index_store(loaded, store, split or None)
         built.save(target, dtype)
         summary = {"index": str(target), "videos": len(built.videos), "embedded": len(built.videos), "reused": 0,
@@ -66,5 +68,5 @@ def index(
     if as_json:
         print_json(summary)
     else:
-        out.print(f"indexed {summary['videos']} videos -> {target} (embedded {summary['embedded']}, "
+        out.print(f"indexed {summary['videos']} videos -> {escape(str(target))} (embedded {summary['embedded']}, "
                   f"reused {summary['reused']}, unreadable {len(summary['failed'])})")

@@ -32,13 +32,16 @@ def train(
     """Train the SSB model on prepared data; checkpoints, metrics.jsonl and the resolved recipe go to the run folder.
 
     train.batch_size is the global batch (the support set and the negatives); each of N processes takes 1/N of it."""
+    from rich.markup import escape
+
     from ssbctl.engine.distributed import DistInfo, teardown
-    from ssbctl.engine.train_setup import launch_torchrun, resolve_recipe
+    from ssbctl.engine.train_setup import launch_torchrun, preflight, resolve_recipe
     from ssbctl.engine.trainer import train as run_training
 
-    if nproc > 1:
-        raise typer.Exit(launch_torchrun(nproc))
     resolved, run_dir = resolve_recipe(recipe, overrides or [], output, resume)
+    if nproc > 1:
+        preflight(resolved, run_dir, resume)  # a user error is reported once, before any worker starts
+        raise typer.Exit(launch_torchrun(nproc))
     try:
         summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter())
     finally:
@@ -51,5 +54,5 @@ def train(
     if summary["eval"]:
         out.print(metrics_table(summary["eval"], f"{summary['eval']['split']} split, step {summary['steps']}"))
     how = f" (stopped by {summary['stopped_by']}; continue with --resume)" if summary["stopped_by"] else ""
-    out.print(f"trained {summary['steps']} steps -> {run_dir}{how}\n"
-              f"next: ssbctl evaluate {run_dir} --split test")
+    out.print(escape(f"trained {summary['steps']} steps -> {run_dir}{how}\n"
+                     f"next: ssbctl evaluate {run_dir} --split test"))

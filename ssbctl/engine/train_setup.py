@@ -35,6 +35,23 @@ def resolve_recipe(recipe: str | None, overrides: list[str], output: Path | None
     return loaded, Path(output or loaded.train.output_dir)
 
 
+def preflight(recipe: Recipe, run_dir: Path, resume: bool) -> None:
+    """What a training command can get wrong, checked in the launcher before ``--nproc`` spawns
+    workers (each would otherwise fail alike): the prepared data, its training split, and whether
+    the run folder has a checkpoint to resume (or none to clobber)."""
+    from ssbctl.engine.checkpoint import latest_checkpoint
+    from ssbctl.paths import open_stores
+
+    store = open_stores(recipe.data.prepared, recipe.data.experts)
+    store.split_videos(recipe.data.train_split)
+    store.split_captions(recipe.data.train_split)
+    found = latest_checkpoint(run_dir)
+    if resume and found is None:
+        raise UserError(f"nothing to resume: {run_dir} has no checkpoint")
+    if not resume and found is not None:
+        raise UserError(f"{run_dir} already has checkpoints; pass --resume to continue it or choose another --out")
+
+
 def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
     """Run this same ``ssbctl train`` command under ``torchrun --standalone`` with ``nproc`` workers."""
     if "WORLD_SIZE" in os.environ:
@@ -48,7 +65,7 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "ssbctl.engine.torchrun", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ssbctl", *cleaned]
     # Its own session: a Ctrl-C reaches the workers once, through the forwarding below.
     proc = subprocess.Popen(cmd, start_new_session=True)
