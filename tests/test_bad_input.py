@@ -14,7 +14,7 @@ from typing import Callable
 
 import pytest
 import torch
-from damage import Tiny, assert_one_error_line, build_tiny, checkpoint_of, cli, copy, hashes, index_for_run
+from damage import Tiny, assert_one_error_line, build_tiny, checkpoint_of, cli, copy, hashes
 from safetensors.torch import load_file, save_file
 
 Case = tuple[list[str], int, list[str]]  # argv, exit code, texts the error line names
