@@ -128,9 +128,9 @@ class Index:
         meta = read_json(folder / "index.json")
         if meta.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{folder}: index format {meta.get('format_version')} is not {FORMAT_VERSION}")
-        require(meta, "run", str, str(folder / "index.json"))
-        if "checkpoint" in meta:
-            require(meta, "checkpoint", str, str(folder / "index.json"))
+        for key in ("run", "checkpoint"):  # optional for a library-built index; Searcher needs "run"
+            if key in meta:
+                require(meta, key, str, str(folder / "index.json"))
         embeddings = load_tensors(folder / "embeddings.safetensors").get("embeddings")
         if embeddings is None or embeddings.ndim != 2 or not embeddings.is_floating_point():
             raise DataError(f"{folder / 'embeddings.safetensors'}: expected an (N, D) float tensor 'embeddings'")

@@ -9,6 +9,7 @@ import torch
 
 from ssbctl.engine.run import load_run
 from ssbctl.errors import DataError
+from ssbctl.validate import field
 from ssbctl.evaluation.evaluate import embed_texts
 from ssbctl.paths import default_index
 from ssbctl.retrieval.explain import dual_softmax, support_attention
@@ -22,6 +23,7 @@ class Searcher:
 
     def __init__(self, index_dir: Path | None = None, device: str = "auto") -> None:
         self.index = Index.load(index_dir or default_index())
+        field(self.index.meta, "run", str, f"{self.index.folder / 'index.json'}")  # the run that embeds queries
         self.run = load_run(self.index.meta["run"], self.index.meta.get("checkpoint"), device)
         if self.index.embeddings.shape[1] != self.run.model.cfg.embed_dim:
             raise DataError(f"{self.index.folder}: embeddings of size {self.index.embeddings.shape[1]}, but the run "
