@@ -59,18 +59,31 @@ def jsonl_text(rows: Iterable[dict[str, Any]]) -> str:
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a JSON Lines file; a torn last line (from a crash mid-append) is ignored."""
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.readlines()
+    """Rows of a JSON Lines file; a torn last line (from a crash mid-append) is ignored.
+
+    A missing or non-UTF-8 file, a bad line before the last, or a line that is not a JSON object
+    is a DataError naming the file and the line."""
+    from ssbctl.errors import DataError
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.readlines()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text (damaged?)") from None
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
             if i == len(lines) - 1:
                 return
-            raise
+            raise DataError(f"{path} line {i + 1}: invalid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {i + 1}: expected a JSON object, got {type(row).__name__}")
+        yield row
 
 
 def append_jsonl(path: Path, row: dict[str, Any] | list[dict[str, Any]]) -> None:

@@ -8,6 +8,7 @@ vendored click follows it), 0 before.
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib import metadata
 from typing import Annotated
@@ -61,7 +62,10 @@ def _loaded_click_classes(name: str, typer_class: type[BaseException]) -> tuple[
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 failure, 2 user error or usage mistake,
-    130 interrupted; ``ssbctl`` alone prints the help (exit 2, or 0 under click before 8.2)."""
+    130 interrupted; ``ssbctl`` alone prints the help (exit 2, or 0 under click before 8.2).
+
+    Errors are one line on stderr. Anything unexpected is reported as an internal error in one
+    line too, unless ``SSBCTL_DEBUG=1`` asks for the traceback."""
     usage_errors = _loaded_click_classes("ClickException", typer.BadParameter)
     exits = _loaded_click_classes("Exit", typer.Exit)
     aborts = _loaded_click_classes("Abort", typer.Abort)
@@ -70,14 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         # obj: the command line as given, for commands that relaunch themselves (train --nproc)
         code = app(args=args, prog_name="ssbctl", standalone_mode=False, obj={"argv": args})  # an int on exit(n)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(2, f"error: {exc}")
     except TrainingError as exc:
-        print(f"error: training failed: {exc}", file=sys.stderr)
-        return 1
+        return _fail(1, f"error: training failed: {exc}")
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(1, f"error: {exc}")
     except exits as exc:
         return exc.exit_code  # type: ignore[attr-defined]
     except usage_errors as exc:
@@ -86,7 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     except (*aborts, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line instead of a traceback
+        if os.environ.get("SSBCTL_DEBUG", "") not in ("", "0"):
+            raise
+        text = " ".join(str(exc).split())[:300]
+        return _fail(1, f"error: internal error: {type(exc).__name__}: {text} "
+                        f"(a bug in ssbctl; rerun with SSBCTL_DEBUG=1 for the traceback)")
     return code if isinstance(code, int) else 0
+
+
+def _fail(code: int, line: str) -> int:
+    """Print the error line (under ``train --nproc``, hand it to the launcher instead) and return ``code``."""
+    from ssbctl.engine.torchrun import write_worker_error
+
+    line = " ".join(line.splitlines())  # one line, whatever the message holds
+    if not write_worker_error(code, line):
+        print(line, file=sys.stderr)
+    return code
 
 
 def run() -> None:

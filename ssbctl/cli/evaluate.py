@@ -26,16 +26,19 @@ def evaluate(
     as_json: JsonOption = False,
 ) -> None:
     """R@1/5/10, median and mean rank, text-to-video and video-to-text (ties count against the model)."""
-    from ssbctl.engine.run import load_run
+    from rich.markup import escape
+
+    from ssbctl.engine.run import check_store_fits, load_run
     from ssbctl.evaluation.evaluate import evaluate_split
     from ssbctl.paths import open_stores
 
     loaded = load_run(run, checkpoint, device)
     store = open_stores(data or loaded.recipe.data.prepared, loaded.recipe.data.experts)
+    check_store_fits(loaded.run_dir, loaded.recipe, store)
     result = evaluate_split(loaded.model, loaded.tokenizer, store, split, loaded.device,
                             source=f"run {run} [{loaded.checkpoint.name}]")
     if as_json:
         print_json(result)
         return
-    out.print(metrics_table(result, f"{run} [{loaded.checkpoint.name}] on {split}: "
-                                    f"{result['n_queries']} captions x {result['n_videos']} videos"))
+    out.print(metrics_table(result, escape(f"{run} [{loaded.checkpoint.name}] on {split}: "
+                                           f"{result['n_queries']} captions x {result['n_videos']} videos")))

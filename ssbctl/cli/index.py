@@ -33,6 +33,8 @@ def index(
     as_json: JsonOption = False,
 ) -> None:
     """Build an index folder: normalised video embeddings, ids and source paths."""
+    from rich.markup import escape
+
     from ssbctl.io import check_output, output_lock
     from ssbctl.paths import default_index
 
@@ -43,7 +45,7 @@ def index(
     if as_json:
         print_json(summary)
     else:
-        out.print(f"indexed {summary['videos']} videos -> {target} (embedded {summary['embedded']}, "
+        out.print(f"indexed {summary['videos']} videos -> {escape(str(target))} (embedded {summary['embedded']}, "
                   f"reused {summary['reused']}, unreadable {len(summary['failed'])})")
 
 
@@ -51,9 +53,10 @@ def _build(run: Path, data: str | None, videos: Path | None, half: bool, workers
            split: list[str] | None, target: Path, checkpoint: str | None, device: str) -> dict[str, Any]:
     """Write the index folder ``target`` (the caller holds its lock); return the summary."""
     import torch
+    from rich.markup import escape
 
     from ssbctl.cli.common import err, progress_bar
-    from ssbctl.engine.run import load_run
+    from ssbctl.engine.run import check_store_fits, load_run
     from ssbctl.errors import UserError
     from ssbctl.io import check_output
     from ssbctl.paths import open_stores
@@ -68,10 +71,11 @@ def _build(run: Path, data: str | None, videos: Path | None, half: bool, workers
         with progress_bar("index videos") as update:
             summary = index_videos(loaded, videos, target, dtype, workers, update)
         for row in summary["failed"]:
-            err.print(f"[yellow]skipped[/] {row['path']}: {row['reason']}")
+            err.print(f"[yellow]skipped[/] {escape(row['path'])}: {escape(row['reason'])}")
     else:
         store = open_stores(data or loaded.recipe.data.prepared, loaded.recipe.data.experts)
         check_output(target, "index", [store.root, *(s.root for s in store.extra)])
+        check_store_fits(loaded.run_dir, loaded.recipe, store)
         built = index_store(loaded, store, split or None)
         built.save(target, dtype)
         summary = {"index": str(target), "videos": len(built.videos), "embedded": len(built.videos), "reused": 0,

@@ -76,6 +76,8 @@ def prepare(
     as_json: JsonOption = False,
 ) -> None:
     """Prepare a dataset: videos -> frame features (safetensors) + captions + failures.jsonl. Resumable."""
+    from rich.markup import escape
+
     from ssbctl.data.backbones import ImportedFeatures, backbone_tag, parse_backbone
     from ssbctl.data.datasets import dataset_spec
     from ssbctl.data.datasets.shapes import ShapesSpec
@@ -138,9 +140,9 @@ def prepare(
         return
     for manifest in summary["manifests"]:
         for row in manifest["failed"][:20]:
-            err.print(f"[yellow]skipped[/] {row['path']}: {row['reason']}")
+            err.print(f"[yellow]skipped[/] {escape(row['path'])}: {escape(row['reason'])}")
         splits = ", ".join(f"{s} {c['videos']} videos / {c['captions']} captions" for s, c in manifest["splits"].items())
         decoders = ", ".join(f"{name} {n}" for name, n in manifest.get("decoders", {}).items())
-        out.print(f"prepared {dataset} -> {manifest['out']}\n  {splits}\n  "
+        out.print(f"prepared {dataset} -> {escape(str(manifest['out']))}\n  {splits}\n  "
                   + (f"decoded by: {decoders} (per video in videos.jsonl)\n  " if decoders else "")
                   + f"unusable videos: {manifest['counts']['failures']} (listed in failures.jsonl)")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ssbctl.cli.common import DeviceOption, IndexOption, JsonOption, err, out, print_json
@@ -28,21 +29,37 @@ EPILOG = """Examples:
 
 
 def _lines(path: Path) -> list[str]:
+    """Non-blank lines of a UTF-8 text file (``-``: stdin), stripped."""
     from ssbctl.errors import UserError
 
-    text = sys.stdin.read() if str(path) == "-" else (path.read_text() if path.is_file() else None)
-    if text is None:
-        raise UserError(f"file not found: {path}")
+    if str(path) == "-":
+        text = sys.stdin.read()
+    elif not path.is_file():
+        raise UserError(f"file not found: {path}" if not path.exists() else f"{path} is not a file")
+    else:
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _check_output(option: str, path: Path | None) -> None:
+    """An output picture must be a file path (checked before any work is done)."""
+    from ssbctl.errors import UserError
+
+    if path is not None and (path.is_dir() or path.parent.exists() and not path.parent.is_dir()):
+        raise UserError(f"{option} {path}: expected a PNG file path, not a folder")
+
+
 def _table(title: str, hits: list[dict[str, Any]]) -> Table:
-    table = Table(title=title)
+    """Hits as a table; every value is shown as text (a path or query with [brackets] stays literal)."""
+    table = Table(title=escape(title))
     cols = [c for c in ("rank", "video_id", "caption", "score", "ds_score", "weight", "path") if c in hits[0]] if hits else []
     for col in cols:
         table.add_column(col, justify="right" if col in ("rank", "score", "ds_score", "weight") else "left")
     for h in hits:
-        table.add_row(*(f"{h[c]:.3f}" if isinstance(h[c], float) else str(h[c]) for c in cols))
+        table.add_row(*(f"{h[c]:.3f}" if isinstance(h[c], float) else escape(str(h[c])) for c in cols))
     return table
 
 
@@ -75,6 +92,8 @@ def retrieve(
         raise UserError("--caption-bank goes with --video")
     if backend not in ("exact", "faiss"):
         raise UserError(f"--backend must be exact or faiss, got {backend!r}")
+    _check_output("--sheet", sheet)
+    _check_output("--explain", explain)
     searcher = Searcher(index_dir, device)
     searcher.index.backend = backend
     if caption_bank:
@@ -86,7 +105,7 @@ def retrieve(
         texts, k, _lines(dual_softmax) if dual_softmax else None)
     if sheet:
         size = searcher.sheet(labels, results, k, sheet)
-        err.print(f"contact sheet {size[0]}x{size[1]} -> {sheet}")
+        err.print(escape(f"contact sheet {size[0]}x{size[1]} -> {sheet}"))
     if explain:
         table = searcher.explain(labels[0], texts[0] if texts else None, video, k, explain)
         if not as_json:

@@ -35,18 +35,18 @@ def train(
     """Train the SSB model on prepared data; checkpoints, metrics.jsonl and the resolved recipe go to the run folder.
 
     train.batch_size is the global batch (the support set and the negatives); each of N processes takes 1/N of it."""
+    from rich.markup import escape
+
     from ssbctl.engine.distributed import DistInfo
-    from ssbctl.engine.train_setup import launch_torchrun, resolve_recipe
-    from ssbctl.engine.trainer import check_training_batch
+    from ssbctl.engine.train_setup import launch_torchrun, preflight, resolve_recipe
     from ssbctl.engine.trainer import train as run_training
     from ssbctl.io import check_output, lock_env, output_lock
-    from ssbctl.paths import open_stores
 
     resolved, run_dir = resolve_recipe(recipe, overrides or [], output, resume)
     if not resume:
         check_output(run_dir, "run")  # a fresh run writes into --out: only a new, empty or run folder
-    if nproc > 1:  # the checks every worker would fail on, once and before starting them
-        check_training_batch(resolved, open_stores(resolved.data.prepared, resolved.data.experts), nproc)
+    if nproc > 1:  # a user error is reported once, before any worker starts
+        preflight(resolved, run_dir, resume, nproc)
         with output_lock(run_dir) as lock:  # the launcher holds the run's lock for the processes it starts
             raise typer.Exit(launch_torchrun(nproc, _command_line(ctx), env=lock_env([lock])))
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 alone takes the lock
@@ -60,8 +60,8 @@ def train(
     if summary["eval"]:
         out.print(metrics_table(summary["eval"], f"{summary['eval']['split']} split, step {summary['steps']}"))
     how = f" (stopped by {summary['stopped_by']}; continue with --resume)" if summary["stopped_by"] else ""
-    out.print(f"trained {summary['steps']} steps -> {run_dir}{how}\n"
-              f"next: ssbctl evaluate {run_dir} --split test")
+    out.print(escape(f"trained {summary['steps']} steps -> {run_dir}{how}\n"
+                     f"next: ssbctl evaluate {run_dir} --split test"))
 
 
 def _command_line(ctx: typer.Context) -> list[str]:

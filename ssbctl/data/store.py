@@ -22,16 +22,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ssbctl.data.backbones import Backbone
 from ssbctl.data.video import Sampling
-from ssbctl.errors import UserError
+from ssbctl.errors import DataError, UserError
 from ssbctl.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, read_jsonl,
                        replace_dir)
+from ssbctl.validate import check_rows, field, open_tensors, read_json
 
 FORMAT_VERSION = 1
+VIDEO_FIELDS = {"video_id": str, "split": str, "path": str, "num_frames": int, "shard": int}
+CAPTION_FIELDS = {"video_id": str, "caption": str, "split": str}
+
+
+def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """The manifest keys that readers rely on, with the right kinds (a damaged file is a DataError)."""
+    backbone = field(manifest, "backbone", dict, str(path))
+    dim = field(backbone, "dim", int, f"{path} backbone")
+    field(backbone, "name", str, f"{path} backbone")
+    if dim < 1:
+        raise DataError(f"{path}: backbone dim must be positive, got {dim}")
+    field(manifest, "sampling", dict, str(path))
+    field(manifest, "splits", dict, str(path))
+    shards = field(manifest, "shards", list, str(path))
+    if not all(isinstance(s, str) and s and "/" not in s and s not in (".", "..") for s in shards):
+        raise DataError(f"{path}: key 'shards' must list file names of this folder")
+    ks = manifest.get("protocol", {}).get("ks", [1]) if isinstance(manifest.get("protocol", {}), dict) else None
+    if not isinstance(ks, list) or not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k > 0
+                                                     for k in ks):
+        raise DataError(f"{path}: key 'protocol.ks' must be a list of positive integers")
 
 
 class StoreWriter:
@@ -106,14 +126,30 @@ class FeatureStore:
         manifest = self.root / "manifest.json"
         if not manifest.is_file():
             raise UserError(f"{self.root} is not a prepared-data folder (no manifest.json)")
-        import json
-
-        self.manifest: dict[str, Any] = json.loads(manifest.read_text())
+        self.manifest: dict[str, Any] = read_json(manifest)
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{self.root}: store format {self.manifest.get('format_version')} is not "
                             f"{FORMAT_VERSION}; prepare it again")
-        self.videos = list(read_jsonl(self.root / "videos.jsonl"))
-        self.captions = list(read_jsonl(self.root / "captions.jsonl"))
+        _check_manifest(self.manifest, manifest)
+        self.videos = check_rows(list(read_jsonl(self.root / "videos.jsonl")), self.root / "videos.jsonl",
+                                 VIDEO_FIELDS)
+        self.captions = check_rows(list(read_jsonl(self.root / "captions.jsonl")), self.root / "captions.jsonl",
+                                   CAPTION_FIELDS)
+        self._check_rows()
+
+    def _check_rows(self) -> None:
+        """Every video points at an existing shard; every caption at a video of its split."""
+        shards = len(self.manifest["shards"])
+        split_of: dict[str, str] = {}
+        for n, v in enumerate(self.videos, 1):
+            if not 0 <= v["shard"] < shards:
+                raise DataError(f"{self.root / 'videos.jsonl'} row {n}: shard {v['shard']} does not exist "
+                                f"(the manifest lists {shards})")
+            split_of[v["video_id"]] = v["split"]
+        for n, c in enumerate(self.captions, 1):
+            if split_of.get(c["video_id"], c["split"]) != c["split"]:
+                raise DataError(f"{self.root / 'captions.jsonl'} row {n}: video {c['video_id']!r} is not in "
+                                f"split {c['split']!r}")
 
     @property
     def ks(self) -> tuple[int, ...]:
@@ -134,8 +170,12 @@ class FeatureStore:
         return rows
 
     def split_captions(self, split: str) -> list[dict[str, Any]]:
-        """Caption records of one split, in store order."""
-        return [c for c in self.captions if c["split"] == split]
+        """Caption records of one split, in store order (a split with videos but no captions can be
+        neither trained on nor evaluated: a UserError)."""
+        rows = [c for c in self.captions if c["split"] == split]
+        if not rows:
+            raise UserError(f"split '{split}' of {self.root} has no captions; choose a split with captions")
+        return rows
 
     def load_features(self, videos: list[dict[str, Any]]) -> list[torch.Tensor]:
         """The ``(T, dim)`` feature tensors of ``videos``, reading each shard once."""
@@ -144,10 +184,19 @@ class FeatureStore:
             by_shard.setdefault(v["shard"], []).append(i)
         out: list[torch.Tensor | None] = [None] * len(videos)
         for shard, positions in by_shard.items():
-            with safe_open(str(self.root / self.manifest["shards"][shard]), framework="pt") as fh:
+            path = self.root / self.manifest["shards"][shard]
+            with open_tensors(path) as fh:
                 for i in positions:
-                    out[i] = fh.get_tensor(videos[i]["video_id"])
+                    out[i] = self._checked(fh.get_tensor(videos[i]["video_id"]), path, videos[i]["video_id"])
         return out  # type: ignore[return-value]
+
+    def _checked(self, features: torch.Tensor, path: Path, video_id: str) -> torch.Tensor:
+        """A video's features, which must be ``(T >= 1, dim)`` floats of the manifest's dim."""
+        if features.ndim != 2 or features.shape[0] < 1 or features.shape[1] != self.feature_dim \
+                or not features.is_floating_point():
+            raise DataError(f"{path}: features of {video_id!r} are {features.dtype} {tuple(features.shape)}, "
+                            f"expected (frames, {self.feature_dim}) floats as manifest.json says")
+        return features.float()
 
     @property
     def feature_dims(self) -> tuple[int, ...]:

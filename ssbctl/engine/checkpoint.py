@@ -10,7 +10,7 @@ read back with ``weights_only=True``) and ``state.json`` (step, epoch, position 
 
 from __future__ import annotations
 
-import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +22,7 @@ from safetensors.torch import load_model, save_model
 
 from ssbctl.errors import DataError, UserError
 from ssbctl.io import atomic_write_json, atomic_write_text, fresh_dir, replace_dir
+from ssbctl.validate import field, read_json
 
 CHECKPOINTS = "checkpoints"
 NAME = re.compile(r"step-[0-9]{8,}")  # what save_checkpoint names a checkpoint
@@ -97,18 +98,47 @@ def find_checkpoint(run_dir: Path, name: str | None = None) -> Path:
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> None:
-    """Load ``model.safetensors`` into the unwrapped model (all keys must match)."""
-    missing, unexpected = load_model(unwrap_model(model), str(Path(checkpoint) / "model.safetensors"),
-                                     strict=False)
+    """Load ``model.safetensors`` into the unwrapped model (all keys and shapes must match).
+
+    A missing or damaged file, or weights of another architecture, is a DataError."""
+    from safetensors import SafetensorError
+
+    path = Path(checkpoint) / "model.safetensors"
+    if not path.is_file():
+        raise DataError(f"{path} is missing")
+    try:
+        missing, unexpected = load_model(unwrap_model(model), str(path), strict=False)
+    except (SafetensorError, OSError) as exc:
+        raise DataError(f"{path} is damaged: {_first_line(exc)}") from None
+    except RuntimeError as exc:  # shapes or dtypes differ
+        raise DataError(f"{path}: weights do not fit the model ({str(exc).splitlines()[-1].strip()})") from None
     if missing or unexpected:
-        raise UserError(f"{checkpoint}: weights do not fit the model (missing {sorted(missing)[:3]}, "
+        raise DataError(f"{path}: weights do not fit the model (missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]})")
 
 
 def load_trainer_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The optimizer/scheduler/scaler/RNG states and ``state.json`` of a checkpoint."""
-    trainer = torch.load(Path(checkpoint) / "trainer.pt", map_location="cpu", weights_only=True)
-    state = json.loads((Path(checkpoint) / "state.json").read_text())
+    """The optimizer/scheduler/scaler/RNG states and ``state.json`` of a checkpoint.
+
+    ``trainer.pt`` is read with ``weights_only=True``: tensors and plain containers only, so a
+    pickle that would run code is refused, not run. Anything unreadable is a DataError."""
+    path = Path(checkpoint) / "trainer.pt"
+    if not path.is_file():
+        raise DataError(f"{path} is missing")
+    try:
+        trainer = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused what it holds (without running any of it)
+        raise DataError(f"{path} is damaged or not a checkpoint: it holds something other than tensors "
+                        f"and plain containers (refused unread)") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to parse this file means it is damaged
+        raise DataError(f"{path} is damaged or not a checkpoint ({_first_line(exc)})") from None
+    if not isinstance(trainer, dict):
+        raise DataError(f"{path}: expected a dict of states, got {type(trainer).__name__}")
+    for key in ("optimizer", "scheduler", "scaler"):
+        field(trainer, key, dict, str(path))
+    field(trainer, "rng", list, str(path))
+    state = read_json(Path(checkpoint) / "state.json")
+    field(state, "trainer", dict, str(Path(checkpoint) / "state.json"))
     return trainer, state
 
 
@@ -134,3 +164,6 @@ def remap_optimizer_state(saved: dict[str, Any], saved_names: list[list[str]], n
             k += 1
         new_groups.append({**group, "params": list(range(k - len(group_names), k))})
     return {"state": state, "param_groups": new_groups}
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -8,19 +8,22 @@ the network and without the original pretrained files.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ssbctl.config import Recipe, check_device_name, dump_toml, read_toml, recipe_from_dict, to_dict
 from ssbctl.engine.checkpoint import find_checkpoint, load_weights
-from ssbctl.errors import UserError
+from ssbctl.errors import DataError, UserError
 from ssbctl.io import atomic_write_json, atomic_write_text, check_output, fresh_dir, mark_kind, replace_dir
 from ssbctl.model.ssb import SSBModel
 from ssbctl.model.text_encoder import text_backbone_from_folder
+from ssbctl.validate import field, read_json
+
+if TYPE_CHECKING:
+    from ssbctl.data.store import ExpertStores
 
 RECIPE_FILE = "recipe.toml"
 TEXT_DIR = "text_encoder"
@@ -70,7 +73,13 @@ def read_run_recipe(run_dir: Path) -> Recipe:
 
 def build_run_model(run_dir: Path, recipe: Recipe) -> tuple[SSBModel, Any]:
     """The run's architecture with untrained weights, and its tokenizer."""
-    backbone, tokenizer = text_backbone_from_folder(Path(run_dir) / TEXT_DIR)
+    folder = Path(run_dir) / TEXT_DIR
+    if not (folder / "config.json").is_file():
+        raise DataError(f"{folder} is missing or incomplete (no config.json); the run cannot be loaded")
+    try:
+        backbone, tokenizer = text_backbone_from_folder(folder)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception for a damaged file
+        raise DataError(f"{folder} is damaged: {str(exc).strip().splitlines()[0][:200]}") from None
     return SSBModel(recipe.model, recipe.loss, backbone, len(tokenizer)), tokenizer
 
 
@@ -122,4 +131,20 @@ def read_expert_specs(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / EXPERTS_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} has no {EXPERTS_FILE}; it cannot embed new videos")
-    return json.loads(path.read_text())
+    specs = read_json(path, list)
+    for n, spec in enumerate(specs, 1):
+        where = f"{path} expert {n}"
+        if not isinstance(spec, dict):
+            raise DataError(f"{where}: expected an object")
+        field(field(spec, "backbone", dict, where), "name", str, where + " backbone")
+        field(spec, "sampling", dict, where)
+    return specs
+
+
+def check_store_fits(run_dir: Path, recipe: Recipe, store: "ExpertStores") -> None:
+    """The run's video encoder takes features of the sizes it was trained on: a store of another
+    backbone (another feature size or number of experts) is a UserError, not a shape error later."""
+    trained = tuple(recipe.model.video.input_dims)
+    if trained and tuple(store.feature_dims) != trained:
+        raise UserError(f"{store.root} has features of size {list(store.feature_dims)} but {run_dir} was "
+                        f"trained on {list(trained)}; use the prepared data of the run's backbone")

@@ -50,9 +50,29 @@ def _refuse_model_changes(run: dict[str, Any], asked: dict[str, Any], prefix: st
                             f"{run[key]!r}, asked {value!r}); train a new run with --out instead")
 
 
+def preflight(recipe: Recipe, run_dir: Path, resume: bool, world: int) -> None:
+    """What a training command can get wrong, checked in the launcher before ``--nproc`` spawns
+    ``world`` workers (each would otherwise fail alike): the prepared data, its training split and
+    whether ``world`` processes can share its global batch, and whether the run folder has a
+    checkpoint to resume (or none to clobber)."""
+    from ssbctl.engine.checkpoint import latest_checkpoint
+    from ssbctl.engine.trainer import check_training_batch
+    from ssbctl.paths import open_stores
+
+    store = open_stores(recipe.data.prepared, recipe.data.experts)
+    store.split_videos(recipe.data.train_split)
+    store.split_captions(recipe.data.train_split)
+    check_training_batch(recipe, store, world)
+    found = latest_checkpoint(run_dir)
+    if resume and found is None:
+        raise UserError(f"nothing to resume: {run_dir} has no checkpoint")
+    if not resume and found is not None:
+        raise UserError(f"{run_dir} already has checkpoints; pass --resume to continue it or choose another --out")
+
+
 def launch_torchrun(nproc: int, argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
     """Run this same ``ssbctl train`` command under ``torchrun --standalone`` with ``nproc`` workers
-    (``env``: variables to add to theirs)."""
+    (``env``: variables to add to theirs); a worker's error is reported once (ssbctl.engine.torchrun)."""
     if "WORLD_SIZE" in os.environ:
         raise UserError("--nproc is for launching; under torchrun already, drop it")
     args = list(sys.argv[1:] if argv is None else argv)
@@ -64,7 +84,7 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None, env: dict[str, st
             skip = True
         elif not a.startswith("--nproc="):
             cleaned.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "ssbctl.engine.torchrun", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ssbctl", *cleaned]
     # Its own session: a Ctrl-C reaches the workers once, through the forwarding below.
     proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **(env or {})})

@@ -29,12 +29,13 @@ from ssbctl.engine.accumulate import accumulated_backward
 from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, remap_optimizer_state,
                                       save_checkpoint)
 from ssbctl.engine.distributed import any_rank, average_gradients, barrier, gather_objects, in_group, setup, teardown
-from ssbctl.engine.run import build_run_model, read_run_recipe, write_recipe, write_run_files
-from ssbctl.errors import TrainingError, UserError
+from ssbctl.engine.run import build_run_model, check_store_fits, read_run_recipe, write_recipe, write_run_files
+from ssbctl.errors import DataError, TrainingError, UserError
 from ssbctl.evaluation.evaluate import evaluate_split
 from ssbctl.io import append_jsonl, atomic_write_text, jsonl_text, read_jsonl
 from ssbctl.model.ssb import Batch, SSBModel, build_model
 from ssbctl.paths import open_stores
+from ssbctl.validate import field as require
 
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
@@ -164,9 +165,8 @@ class Trainer:
                                 self.store.expert_specs())
         else:  # the architecture is the run's own, whatever model the given recipe names
             recipe = dataclasses.replace(recipe, model=read_run_recipe(self.run_dir).model)
+            check_store_fits(self.run_dir, recipe, self.store)
             model, self.tokenizer = build_run_model(self.run_dir, recipe)
-            if self.dist.is_main:
-                write_recipe(self.run_dir, recipe)  # overrides given on resume (more epochs) are kept
         barrier()
         self.recipe = recipe
         self.module: SSBModel = model.to(self.device)
@@ -185,7 +185,12 @@ class Trainer:
         self.stop_signal: int | None = None  # the signal this process received
         self.stopping = False  # all ranks agreed to stop (see _agree); the loop tests only this
         if checkpoint is not None:
+            # Everything the resume reads is checked before anything in the run folder is rewritten.
+            metrics = self._read_metrics() if self.dist.is_main else []
             self._restore(checkpoint)
+            if self.dist.is_main:
+                self._rewind_metrics(metrics)
+                write_recipe(self.run_dir, recipe)  # overrides given on resume (more epochs) are kept
         self.module.text.warm_cache(self.tokenizer, self.dataset.captions)
 
     # ------------------------------------------------------------ setup and state
@@ -210,29 +215,44 @@ class Trainer:
     def _restore(self, checkpoint: Path) -> None:
         load_weights(self.module, checkpoint)
         trainer, state = load_trainer_state(checkpoint)
-        saved_names = trainer.get("param_names") or optimizer_param_names(self.module, legacy=True)
-        self.optimizer.load_state_dict(remap_optimizer_state(
-            trainer["optimizer"], saved_names, optimizer_param_names(self.module), checkpoint))
-        self.scheduler.load_state_dict(trainer["scheduler"])
-        self.scaler.load_state_dict(trainer["scaler"])
         rng = trainer["rng"]
         if len(rng) != self.dist.world:
             raise UserError(f"{checkpoint} was written by {len(rng)} processes; resume it with as many")
-        set_rng_states(rng[self.dist.rank])
-        self.state = TrainState(**state["trainer"])
+        try:
+            saved_names = trainer.get("param_names") or optimizer_param_names(self.module, legacy=True)
+            self.optimizer.load_state_dict(remap_optimizer_state(
+                trainer["optimizer"], saved_names, optimizer_param_names(self.module), checkpoint))
+            self.scheduler.load_state_dict(trainer["scheduler"])
+            self.scaler.load_state_dict(trainer["scaler"])
+            set_rng_states(rng[self.dist.rank])
+            self.state = TrainState(**state["trainer"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise DataError(f"{checkpoint}: trainer.pt or state.json does not fit this run "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in dataclasses.asdict(self.state).values()):
+            raise DataError(f"{checkpoint / 'state.json'}: key 'trainer' must hold non-negative integers")
         self.saved_step = self.state.step
         self.reporter.note(f"resumed from {checkpoint.name} (epoch {self.state.epoch + 1}, "
                            f"step {self.state.step})")
-        if self.dist.is_main:
-            self._rewind_metrics()
 
-    def _rewind_metrics(self) -> None:
+    def _read_metrics(self) -> list[dict[str, Any]] | None:
+        """The rows of ``metrics.jsonl`` (None when there is none); a damaged file is a DataError."""
+        path = self.run_dir / METRICS_FILE
+        if not path.is_file():
+            return None
+        rows = list(read_jsonl(path))
+        for n, row in enumerate(rows, 1):
+            if "step" in row:
+                require(row, "step", int, f"{path} row {n}")
+        return rows
+
+    def _rewind_metrics(self, rows: list[dict[str, Any]] | None) -> None:
         """Move rows logged after the resumed checkpoint (by the part of the run that was lost) to
         ``metrics.superseded.jsonl``, so ``metrics.jsonl`` holds one curve; drops a torn last line."""
         path = self.run_dir / METRICS_FILE
-        if not path.is_file():
+        if rows is None:
             return
-        rows = list(read_jsonl(path))
         later = [r for r in rows if r.get("step", 0) > self.state.step]
         if later:
             append_jsonl(self.run_dir / SUPERSEDED_METRICS_FILE, later)

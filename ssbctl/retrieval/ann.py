@@ -31,6 +31,8 @@ def _faiss() -> Any:
 def build_ann(embeddings: torch.Tensor, folder: Path, factory: str = "", nprobe: int = 16,
               sample: int = 200, k: int = 10) -> dict[str, Any]:
     """Train and write an approximate faiss index; return its description with measured recall@k."""
+    if embeddings.shape[0] == 0:
+        raise UserError("the index is empty: there is nothing to build a faiss index from")
     faiss = _faiss()
     x = np.ascontiguousarray(embeddings.float().numpy())
     n, dim = x.shape

@@ -23,6 +23,8 @@ def support_attention(run: LoadedRun, index: Index, query: torch.Tensor, k: int 
     support = run.model.support
     if support is None:
         raise UserError("this run has no support set (trained with model.support.mask = none)")
+    if not index.videos:
+        raise UserError("the index is empty: there is no result to explain")
     scores, found = index.top(query[:1], k)
     rows = found[0]
     if rows.numel() == 0:

@@ -6,7 +6,6 @@ Layout: ``index.json`` (format, run, checkpoint, dim, count, dtype), ``embedding
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -14,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ssbctl.errors import UserError
+from ssbctl.errors import DataError, UserError
 from ssbctl.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, read_jsonl,
                        replace_dir)
+from ssbctl.validate import check_rows, load_tensors, read_json
+from ssbctl.validate import field as require
 
 FORMAT_VERSION = 1
+VIDEO_FIELDS = {"video_id": str, "path": str}
 
 
 def topk_search(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 4096,
@@ -130,7 +132,7 @@ class Index:
     def thumbnail(self, row: int) -> Path | None:
         """The thumbnail file of a row, when the index has one."""
         name = self.videos[row].get("thumb")
-        path = self.folder / "thumbs" / name if self.folder is not None and name else None
+        path = self.folder / "thumbs" / Path(name).name if self.folder is not None and name else None
         return path if path is not None and path.is_file() else None
 
     @classmethod
@@ -139,8 +141,20 @@ class Index:
         folder = Path(folder)
         if not (folder / "index.json").is_file():
             raise UserError(f"no index at {folder}; build one with `ssbctl index` or run `ssbctl demo`")
-        meta = json.loads((folder / "index.json").read_text())
+        meta = read_json(folder / "index.json")
         if meta.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{folder}: index format {meta.get('format_version')} is not {FORMAT_VERSION}")
-        embeddings = load_file(str(folder / "embeddings.safetensors"))["embeddings"]
-        return cls(embeddings, list(read_jsonl(folder / "videos.jsonl")), meta, folder=folder)
+        for key in ("run", "checkpoint"):  # optional for a library-built index; Searcher needs "run"
+            if key in meta:
+                require(meta, key, str, str(folder / "index.json"))
+        embeddings = load_tensors(folder / "embeddings.safetensors").get("embeddings")
+        if embeddings is None or embeddings.ndim != 2 or not embeddings.is_floating_point():
+            raise DataError(f"{folder / 'embeddings.safetensors'}: expected an (N, D) float tensor 'embeddings'")
+        videos = check_rows(list(read_jsonl(folder / "videos.jsonl")), folder / "videos.jsonl", VIDEO_FIELDS)
+        for n, row in enumerate(videos, 1):
+            if "thumb" in row:
+                require(row, "thumb", str, f"{folder / 'videos.jsonl'} row {n}")
+        if embeddings.shape[0] != len(videos):
+            raise DataError(f"{folder}: {embeddings.shape[0]} embeddings but {len(videos)} rows in videos.jsonl; "
+                            f"rebuild the index")
+        return cls(embeddings, videos, meta, folder=folder)

@@ -10,6 +10,7 @@ import torch
 from ssbctl.engine.run import load_run
 from ssbctl.errors import DataError
 from ssbctl.evaluation.evaluate import embed_texts, nonfinite_rows, require_finite
+from ssbctl.validate import field
 from ssbctl.paths import default_index
 from ssbctl.retrieval.explain import dual_softmax, support_attention
 from ssbctl.retrieval.index import Index
@@ -26,7 +27,11 @@ class Searcher:
         if bad:  # written by a broken checkpoint before `ssbctl index` refused to
             raise DataError(f"index {self.index.folder} holds {bad} of {len(self.index.videos)} non-finite "
                             f"(NaN or Inf) embeddings; build it again from a sound checkpoint")
+        field(self.index.meta, "run", str, f"{self.index.folder / 'index.json'}")  # the run that embeds queries
         self.run = load_run(self.index.meta["run"], self.index.meta.get("checkpoint"), device)
+        if self.index.embeddings.shape[1] != self.run.model.cfg.embed_dim:
+            raise DataError(f"{self.index.folder}: embeddings of size {self.index.embeddings.shape[1]}, but the run "
+                            f"{self.run.run_dir} embeds to {self.run.model.cfg.embed_dim}; rebuild the index")
 
     @property
     def source(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -102,7 +103,28 @@ def find_videos(folder: Path) -> list[Path]:
     """Every video file under ``folder`` (recursively), sorted."""
     if not folder.is_dir():
         raise UserError(f"--videos {folder} is not a folder")
-    return sorted(p.resolve() for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+    root = folder.resolve()
+    found = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in VIDEO_SUFFIXES or not path.is_file():
+            continue
+        _check_name(path)
+        resolved = path.resolve()
+        _check_name(resolved)
+        if not resolved.is_relative_to(root):
+            raise UserError(f"--videos: {path} links to {resolved}, outside {folder}; copy the file in, "
+                            f"or index the folder it is in")
+        found.append(resolved)
+    return sorted(found)
+
+
+def _check_name(path: Path) -> None:
+    """Index files are UTF-8: a file name in another encoding is refused before any work."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise UserError(f"--videos: the file name {shown} is not UTF-8; rename the file") from None
 
 
 def index_videos(run: LoadedRun, folder: Path, out: Path, dtype: torch.dtype = torch.float32, workers: int = 2,
@@ -111,7 +133,8 @@ def index_videos(run: LoadedRun, folder: Path, out: Path, dtype: torch.dtype = t
     files = find_videos(folder)
     meta = {"run": str(Path(run.run_dir).resolve()), "checkpoint": run.checkpoint.name, "source": str(folder.resolve())}
     old = Index.load(out) if (out / "index.json").is_file() else None
-    same_model = old is not None and all(old.meta.get(k) == meta[k] for k in ("run", "checkpoint"))
+    same_model = old is not None and all(old.meta.get(k) == meta[k] for k in ("run", "checkpoint")) \
+        and old.embeddings.shape[1] == run.model.cfg.embed_dim
     known = {v["path"]: (i, v) for i, v in enumerate(old.videos)} if old is not None and same_model else {}
     keep, todo = [], []
     for path in files:

@@ -13,17 +13,37 @@ from ssbctl.data.datasets.common import VideoItem, read_csv
 from ssbctl.errors import UserError
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    if path.suffix == ".csv":
-        return read_csv(path)
+def _rows(path: Path) -> list[dict[str, object]]:
+    try:
+        if path.suffix == ".csv":
+            return list(read_csv(path))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{n}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: expected a JSON object with 'video' and 'caption', "
+                                f"got {type(row).__name__}")
+            rows.append(row)
     return rows
+
+
+def _text(annotations: Path, n: int, row: dict[str, object], key: str, required: bool = True) -> str:
+    """A string field of row ``n``: present (if required), a string, and not blank."""
+    value = row.get(key)
+    if not required and (value is None or isinstance(value, str) and not value.strip()):
+        return ""
+    if value is None or value == "":
+        raise UserError(f"{annotations}: row {n} needs 'video' and 'caption'")
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{annotations}: row {n}: '{key}' must be non-empty text, got {value!r:.60}")
+    return value.strip()
 
 
 def read_custom(annotations: Path) -> list[VideoItem]:
@@ -33,14 +53,13 @@ def read_custom(annotations: Path) -> list[VideoItem]:
         raise UserError(f"annotation file not found: {annotations}")
     items: dict[Path, VideoItem] = {}
     for n, row in enumerate(_rows(annotations), 1):
-        if not row.get("video") or not row.get("caption"):
-            raise UserError(f"{annotations}: row {n} needs 'video' and 'caption'")
-        path = (annotations.parent / row["video"]).resolve()
-        split = row.get("split") or "all"
+        video, caption = _text(annotations, n, row, "video"), _text(annotations, n, row, "caption")
+        path = (annotations.parent / video).resolve()
+        split = _text(annotations, n, row, "split", required=False) or "all"
         item = items.setdefault(path, VideoItem(path.stem, path, split))
         if item.split != split:
-            raise UserError(f"{annotations}: row {n}: video {row['video']} is in splits {item.split} and {split}")
-        item.captions.append(str(row["caption"]).strip())
+            raise UserError(f"{annotations}: row {n}: video {video} is in splits {item.split} and {split}")
+        item.captions.append(caption)
     ids = [i.video_id for i in items.values()]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

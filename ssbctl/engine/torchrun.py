@@ -1,0 +1,71 @@
+"""``torchrun`` for ``ssbctl train --nproc``, reporting a failed worker in one line.
+
+Plain torchrun answers any failing worker with its own traceback and exit code 1, after every
+worker has printed its error. Here each worker writes its error (message and exit code) to a file
+in ``$SSBCTL_ERROR_DIR`` instead of printing it (see ``ssbctl.cli.app``); when torchrun reports
+failed workers, the first error written is printed once, as ``error: ...``, and its exit code
+(2 for a user error, 1 for bad data or a failed training) becomes this process's exit code.
+
+Usage: ``python -m ssbctl.engine.torchrun [torchrun options] -m ssbctl train ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ERROR_DIR_ENV = "SSBCTL_ERROR_DIR"
+
+
+def write_worker_error(code: int, message: str) -> bool:
+    """Under this launcher, record a worker's error for it to report (True); else do nothing (False)."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if not folder or not Path(folder).is_dir():
+        return False
+    rank = os.environ.get("RANK", "0")
+    (Path(folder) / f"rank-{rank}.json").write_text(json.dumps({"code": code, "message": message}))
+    return True
+
+
+def first_worker_error(folder: Path) -> tuple[int, str] | None:
+    """The error of the lowest rank that wrote one, or None."""
+    for path in sorted(folder.glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+        try:
+            row = json.loads(path.read_text())
+            return int(row["code"]), str(row["message"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def main(argv: list[str]) -> int:
+    """Run torchrun with ``argv``; return 0, or the first worker's exit code after one error line."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # failures are reported below
+    folder = Path(tempfile.mkdtemp(prefix="ssbctl-errors-"))
+    os.environ[ERROR_DIR_ENV] = str(folder)
+    try:
+        run(parse_args(argv))
+        return 0
+    except ChildFailedError as exc:
+        error = first_worker_error(folder)
+        if error is not None:
+            print(error[1], file=sys.stderr)
+            return error[0]
+        rank, failure = exc.get_first_failure()
+        print(f"error: training failed: worker {rank} exited with code {failure.exitcode} "
+              f"(rerun with SSBCTL_DEBUG=1 for its output)", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
