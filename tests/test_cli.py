@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ssbctl.cli.app import main
-from test_train import _write_recipe
+from fixtures import write_recipe as _write_recipe
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ import pytest
 from conftest import tiny_overrides
 from ssbctl.cli.app import main
 from ssbctl import io as ssbctl_io
-from test_train import _write_recipe
+from fixtures import write_recipe as _write_recipe
 
 PREP = ["--pixel-size", "8", "--frames", "4", "--workers", "0"]
 
