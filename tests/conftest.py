@@ -12,6 +12,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread, here and in every process a test starts: on a loaded machine (CI) OpenMP's
+# spinning thread pools slowed single tests down 20-fold; the tests' tensors are tiny anyway.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 from typing import Iterator  # noqa: E402
