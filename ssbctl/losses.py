@@ -85,9 +85,9 @@ def infonce_loss(text: torch.Tensor, video: torch.Tensor, video_ids: torch.Tenso
     positive = same_video(video_ids)
     neg_inf = torch.finfo(logits.dtype).min
 
-    def one_way(l: torch.Tensor) -> torch.Tensor:
-        pos = torch.logsumexp(l.masked_fill(~positive, neg_inf), dim=1)
-        return (torch.logsumexp(l, dim=1) - pos).mean()
+    def one_way(sim: torch.Tensor) -> torch.Tensor:
+        pos = torch.logsumexp(sim.masked_fill(~positive, neg_inf), dim=1)
+        return (torch.logsumexp(sim, dim=1) - pos).mean()
 
     return 0.5 * (one_way(logits) + one_way(logits.t()))
 

@@ -59,7 +59,7 @@ def resolve_prepared(name: str) -> Path:
                     f"run `ssbctl prepare` first")
 
 
-def open_stores(prepared: str, experts: tuple[str, ...] = ()) -> "ExpertStores":
+def open_stores(prepared: str, experts: tuple[str, ...] = ()) -> ExpertStores:
     """The prepared data a recipe names: its main store plus any extra experts."""
     from ssbctl.data.store import ExpertStores
 

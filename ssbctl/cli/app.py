@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except (*aborts, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the last resort: one line instead of a traceback
+    except Exception as exc:  # the last resort: one line instead of a traceback (re-raised under SSBCTL_DEBUG)
         if os.environ.get("SSBCTL_DEBUG", "") not in ("", "0"):
             raise
         text = " ".join(str(exc).split())[:300]

@@ -470,7 +470,7 @@ class _StopOnSignal:
         self.trainer.stop_signal = signum
         self.trainer.reporter.note(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping")
 
-    def __enter__(self) -> "_StopOnSignal":
+    def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)

@@ -97,7 +97,7 @@ class TextEncoder(nn.Module):
             for layer in list(stack)[len(stack) - cfg.trainable_layers:] if cfg.trainable_layers else []:
                 layer.requires_grad_(True)
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         super().train(mode)
         if self.frozen:
             self.backbone.eval()  # a frozen encoder never uses dropout, so its outputs can be cached
