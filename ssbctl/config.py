@@ -185,7 +185,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if name not in fields:
             raise UserError(f"unknown recipe key '{key}'")
         kind = hints[name]
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             kwargs[name] = from_dict(kind, value, key + ".")
             continue
         value = _check_type(key, value, kind)

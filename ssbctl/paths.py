@@ -43,10 +43,10 @@ def find_config(kind: str, name: str) -> Path:
         if shipped is not None and path.parent.name == kind:
             return shipped
         raise UserError(f"{kind[:-1]} file not found: {name}")
-    shipped = shipped_configs(kind)
-    if name in shipped:
-        return shipped[name]
-    raise UserError(f"unknown {kind[:-1]} '{name}'; known: {', '.join(sorted(shipped))}")
+    known = shipped_configs(kind)
+    if name in known:
+        return known[name]
+    raise UserError(f"unknown {kind[:-1]} '{name}'; known: {', '.join(sorted(known))}")
 
 
 def resolve_prepared(name: str) -> Path:

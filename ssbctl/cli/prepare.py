@@ -107,11 +107,11 @@ def prepare(
             fetch_dataset(dataset, root, urls, sha256, progress=lambda _name: update, limits=limits)
     with progress_bar("generate clips" if dataset == "shapes" else "read annotations") as update:
         items = dataset_items(dataset, root, annotations, ShapesSpec(num_videos=num_videos, seed=seed), update, split)
-    if features is not None:
+    if features is None:
+        models = [parse_backbone(b, pixel_size, device) for b in backbones or ["pixels"]]
+    else:
         items, dim = imported_items(items, features)
         models = [ImportedFeatures(dim, str(features))]
-    else:
-        models = [parse_backbone(b, pixel_size, device) for b in backbones or ["pixels"]]
     tags = [backbone_tag(m) for m in models]
     if output is None:
         outs = [home() / "data" / f"{dataset}-{t}" for t in tags]

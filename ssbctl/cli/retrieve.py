@@ -96,7 +96,7 @@ def retrieve(
     _check_output("--explain", explain)
     searcher = Searcher(index_dir, device)
     searcher.index.backend = backend
-    if caption_bank:
+    if caption_bank and video is not None:  # (--caption-bank without --video is refused above)
         hits = searcher.captions_for_video(video, _lines(caption_bank), k)
         print_json(hits) if as_json else out.print(_table(f"captions for {video}", hits))
         return

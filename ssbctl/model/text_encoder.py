@@ -85,7 +85,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        self.proj = nn.Linear(backbone.config.hidden_size, embed_dim)
+        config: Any = backbone.config  # the Hugging Face model's config
+        self.proj = nn.Linear(config.hidden_size, embed_dim)
         self.frozen = cfg.trainable_layers == 0
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
         pooler = getattr(backbone, "pooler", None)

@@ -36,10 +36,10 @@ def contact_sheet(rows: list[tuple[str, list[dict[str, Any]], list[Path | None]]
             left = 4 + c * (CELL + 4)
             box = (left, top + LABEL, left + CELL, top + LABEL + CELL)
             if thumb is not None:
-                with Image.open(thumb) as img:
-                    img = img.convert("RGB")
-                    img.thumbnail((CELL, CELL))
-                    sheet.paste(img, (left + (CELL - img.width) // 2, top + LABEL + (CELL - img.height) // 2))
+                with Image.open(thumb) as png:
+                    img = png.convert("RGB")
+                img.thumbnail((CELL, CELL))
+                sheet.paste(img, (left + (CELL - img.width) // 2, top + LABEL + (CELL - img.height) // 2))
             else:
                 draw.rectangle(box, fill=(70, 70, 70))
             draw.text((left, top + LABEL + CELL + 1), f"#{hit['rank']}  {hit['score']:.3f}", fill=(250, 220, 120), font=font)

@@ -246,7 +246,8 @@ def generate(root: Path, spec: ShapesSpec, progress: Callable[[int, int], None] 
     if spec_file.is_file() and json.loads(spec_file.read_text()) == asdict(spec):
         return root / "captions.jsonl"
     (root / "videos").mkdir(parents=True, exist_ok=True)
-    rows, meta = [], []
+    rows: list[dict[str, str]] = []
+    meta: list[dict[str, object]] = []
     splits = assign_splits(spec)
     for i in range(spec.num_videos):
         rng = np.random.default_rng([spec.seed, i])
