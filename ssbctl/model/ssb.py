@@ -130,7 +130,8 @@ def build_model(cfg: ModelConfig, loss: LossConfig, feature_dims: tuple[int, ...
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, input_dims=feature_dims))
     vocab = None
     if cfg.support.mask != "none":
-        seen = caption_token_ids(tokenizer, train_captions, cfg.text.max_tokens) if cfg.decoder.vocab == "train" else None
+        seen = (caption_token_ids(tokenizer, train_captions, cfg.text.max_tokens)
+                if cfg.decoder.vocab == "train" else None)
         vocab = decoder_vocab(seen, len(tokenizer))
         cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, vocab_size=len(vocab) + 2))
     return SSBModel(cfg, loss, backbone, len(tokenizer), vocab), tokenizer, cfg

@@ -75,4 +75,5 @@ class Searcher:
         query = self.encode_texts([text]) if text else embed_video_file(self.run, video)  # type: ignore[arg-type]
         result = support_attention(self.run, self.index, query, max(k, 2))
         heatmap(result["weights"], result["videos"], f"support-set attention ({result['mask']}) for {label!r}", out)
-        return [{"rank": i + 1, "video_id": d["video_id"], "weight": d["weight"]} for i, d in enumerate(result["draws_on"])]
+        return [{"rank": i + 1, "video_id": d["video_id"], "weight": d["weight"]}
+                for i, d in enumerate(result["draws_on"])]

@@ -157,7 +157,8 @@ def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray
     return ((np.abs(u) <= r) & (np.abs(v) <= r / 3)) | ((np.abs(u) <= r / 3) & (np.abs(v) <= r))
 
 
-def _trajectory(obj: dict[str, Any], start: tuple[float, float], t: float, size: int) -> tuple[float, float, float, float]:
+def _trajectory(obj: dict[str, Any], start: tuple[float, float], t: float,
+                size: int) -> tuple[float, float, float, float]:
     """Centre x, centre y, radius, angle of ``obj`` at time ``t`` in [0, 1]."""
     radius = SIZES[obj["size"]][0] * size / 64
     x, y = start
