@@ -40,8 +40,8 @@ CONFIGS = {
                "set": ["model.text.trainable_layers=0"]},
     # CLIP-sized: 12 frames of 512-d CLIP ViT-B/32 features, BERT-base-sized text encoder fine-tuned,
     # a 4-layer width-512 video transformer and the full 30k-token decoder vocabulary
-    "clip-sized": {"frames": 12, "dim": 512, "batch": 256, "text": dict(hidden_size=768, num_hidden_layers=12,
-                                                                         num_attention_heads=12, intermediate_size=3072),
+    "clip-sized": {"frames": 12, "dim": 512, "batch": 256,
+                   "text": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
                    "set": ["model.text.trainable_layers=-1", "model.embed_dim=512", "model.video.hidden_dim=512",
                            "model.video.layers=4", "model.video.heads=8", "model.decoder.hidden_dim=512",
                            "model.decoder.heads=8", 'model.decoder.vocab="full"', "model.text.max_tokens=32"]},
@@ -70,7 +70,8 @@ def make_store(root: Path, videos: int, frames: int, dim: int) -> Path:
     spec = ShapesSpec()
     for i in range(videos):
         rng = np.random.default_rng([0, i])
-        writer.add(f"v{i:05d}", "train", "", torch.randn(frames, dim, generator=gen), captions(rng, sample_scene(rng, spec), 4))
+        writer.add(f"v{i:05d}", "train", "", torch.randn(frames, dim, generator=gen),
+                   captions(rng, sample_scene(rng, spec), 4))
     writer.commit()
     return root
 
@@ -89,7 +90,8 @@ def make_text_model(folder: Path, tokenizer_dir: Path, size: dict) -> Path:
 def build_trainer(work: Path, name: str, precision: str, tokenizer_dir: Path, smoke: bool,
                   device: str | None = None, videos: int = 2048, extra: tuple[str, ...] = ()) -> Trainer:
     cfg = CONFIGS[name]
-    text = dict(cfg["text"], hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64) if smoke else cfg["text"]
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    text = dict(cfg["text"], **small) if smoke else cfg["text"]
     store = work / f"store-{name}"
     if not store.exists():
         make_store(store, 64 if smoke else videos, cfg["frames"], cfg["dim"])
@@ -234,7 +236,8 @@ def main() -> None:
 
 def measure(work: Path, args: argparse.Namespace) -> dict:
     """Every measurement, with its data and runs under ``work``."""
-    report: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    report: dict = {"torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     precisions = ["fp32"] if args.smoke or not torch.cuda.is_available() else ["fp32", "bf16", "fp16"]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -253,7 +256,8 @@ def measure(work: Path, args: argparse.Namespace) -> dict:
             print(f"# {name} {precision}: {json.dumps(timing)}", file=sys.stderr, flush=True)
         precision = precisions[1] if len(precisions) > 1 else "fp32"
         report[f"{name}/{precision}/accum{ACCUM}"] = time_accumulated(
-            work, name, precision, args.tokenizer, args.smoke, warmup=2 if args.smoke else 5, steps=3 if args.smoke else 15)
+            work, name, precision, args.tokenizer, args.smoke,
+            warmup=2 if args.smoke else 5, steps=3 if args.smoke else 15)
     report["fit_and_resume"] = short_fit(work, args.tokenizer, args.smoke)
     return report
 
@@ -264,9 +268,11 @@ def print_report(report: dict) -> None:
     for name in CONFIGS:
         parity = report[f"{name}/parity"]
         ref = parity["fp32/loss"]
-        diffs = ", ".join(f"{p} {abs(parity[f'{p}/loss'] - ref) / abs(ref):.2e}" for p in ("bf16", "fp16") if f"{p}/loss" in parity)
+        diffs = ", ".join(f"{p} {abs(parity[f'{p}/loss'] - ref) / abs(ref):.2e}"
+                          for p in ("bf16", "fp16") if f"{p}/loss" in parity)
         print(f"\n{name}: fp32 loss {ref:.4f}; relative difference of the AMP loss: {diffs or 'n/a'}")
-        print("| precision | step ms | clips/s | speed-up vs fp32 | TFLOP/s | of matmul peak | peak GiB | loss first -> last |")
+        print("| precision | step ms | clips/s | speed-up vs fp32 | TFLOP/s | of matmul peak | peak GiB "
+              "| loss first -> last |")
         print("|---|---|---|---|---|---|---|---|")
         base = report[f"{name}/fp32"]["clips_per_s"]
         for p in ("fp32", "bf16", "fp16"):
@@ -285,7 +291,8 @@ def print_report(report: dict) -> None:
             one, four = report[f"{name}/{p}"], report[f"{name}/{p}/accum{ACCUM}"]
             print(f"| {name} | {p} | {one['step_ms']:.1f} -> {four['step_ms']:.1f} | "
                   f"{four['step_ms'] / one['step_ms']:.2f}x | " + (
-                      f"{one['peak_mem_gib']:.2f} -> {four['peak_mem_gib']:.2f} |" if one["peak_mem_gib"] else "n/a (CPU) |"))
+                      f"{one['peak_mem_gib']:.2f} -> {four['peak_mem_gib']:.2f} |" if one["peak_mem_gib"]
+                      else "n/a (CPU) |"))
     if "fit_and_resume" in report:
         print(f"\nfit + resume: {report['fit_and_resume']}")
 

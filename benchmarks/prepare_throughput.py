@@ -38,7 +38,8 @@ def main() -> None:
     for item in items:
         read_frames(item.path, sampling)
     decode = len(items) / (time.perf_counter() - start)
-    print(f"{len(items)} clips, {args.size}x{args.size}, 4-6 s at 8 fps, {args.frames} frames each, backbone {args.backbone}")
+    print(f"{len(items)} clips, {args.size}x{args.size}, 4-6 s at 8 fps, {args.frames} frames each, "
+          f"backbone {args.backbone}")
     print("| pipeline | videos/s | vs decode-only |")
     print("|---|---|---|")
     print(f"| decord decode only (1 process) | {decode:.1f} | 1.00x |")

@@ -102,15 +102,17 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ssb-retrieval-"))
     results = {}
     for method in ("numpy", "faiss", "ssbctl"):
-        proc = subprocess.run([sys.executable, __file__, "--method", method, "--n", str(args.n), "--queries",
-                               str(args.queries), "--dim", str(args.dim), "--k", str(args.k), "--repeat", str(args.repeat),
+        proc = subprocess.run([sys.executable, __file__, "--method", method, "--n", str(args.n),
+                               "--queries", str(args.queries), "--dim", str(args.dim), "--k", str(args.k),
+                               "--repeat", str(args.repeat),
                                "--out", str(work / f"{method}.npy")], capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"# {method} failed: {proc.stderr.strip().splitlines()[-1]}", file=sys.stderr)
             continue
         results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
     ref = np.load(work / "numpy.npy")
-    print(f"exact top-{args.k}, {args.queries} queries x {args.n:,} x {args.dim} float32; best of {args.repeat} runs each")
+    print(f"exact top-{args.k}, {args.queries} queries x {args.n:,} x {args.dim} float32; "
+          f"best of {args.repeat} runs each")
     print("| method | seconds | queries/s | peak MiB above data | top-10 agreement with numpy | speed vs faiss |")
     print("|---|---|---|---|---|---|")
     faiss_s = results.get("faiss", {}).get("seconds")

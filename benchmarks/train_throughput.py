@@ -21,7 +21,8 @@ import device_check as dc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", type=Path, default=None, help="MiniLM tokenizer folder (default: the builtin one).")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="MiniLM tokenizer folder (default: the builtin one).")
     parser.add_argument("--cpu-batch", type=int, default=16, help="CLIP-sized batch on the CPU.")
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
@@ -35,7 +36,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else
               f"cpu ({torch.get_num_threads()} threads)",
-              "peak_tflops": {"fp32": dc.peak_matmul(device, torch.float32, 1024 if device.type == "cpu" else 8192) / 1e12}}
+              "peak_tflops": {"fp32": dc.peak_matmul(device, torch.float32,
+                                                     1024 if device.type == "cpu" else 8192) / 1e12}}
     for name in dc.CONFIGS:
         trainer = dc.build_trainer(work, name, "fp32", args.tokenizer, smoke=False, device=device.type,
                                    videos=256 if device.type == "cpu" else 2048)

@@ -56,7 +56,8 @@ class TextEncoderConfig:
     """A pretrained `transformers` encoder, pooled and projected to the joint space."""
 
     pretrained: str = "builtin:all-MiniLM-L6-v2"  # hub id, local folder, or builtin:NAME
-    pooling: str = _choice("mean", ("mean", "cls", "pooler"))  # token states to one vector; pooler: the model's own (CLIP)
+    # token states to one vector; pooler: the model's own (CLIP)
+    pooling: str = _choice("mean", ("mean", "cls", "pooler"))
     max_tokens: int = _min(32, 4)  # captions are truncated to this many tokens
     trainable_layers: int = _min(-1, -1)  # -1: fine-tune all; 0: frozen; N: top N layers only
 
@@ -185,7 +186,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if name not in fields:
             raise UserError(f"unknown recipe key '{key}'")
         kind = hints[name]
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             kwargs[name] = from_dict(kind, value, key + ".")
             continue
         value = _check_type(key, value, kind)

@@ -36,7 +36,7 @@ class _GatherWithGrad(torch.autograd.Function):
     slice, so each rank's samples get the gradient of every rank's loss (all_reduce: gloo too)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         rank, world = _world()
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
@@ -44,7 +44,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
@@ -85,9 +85,9 @@ def infonce_loss(text: torch.Tensor, video: torch.Tensor, video_ids: torch.Tenso
     positive = same_video(video_ids)
     neg_inf = torch.finfo(logits.dtype).min
 
-    def one_way(l: torch.Tensor) -> torch.Tensor:
-        pos = torch.logsumexp(l.masked_fill(~positive, neg_inf), dim=1)
-        return (torch.logsumexp(l, dim=1) - pos).mean()
+    def one_way(sim: torch.Tensor) -> torch.Tensor:
+        pos = torch.logsumexp(sim.masked_fill(~positive, neg_inf), dim=1)
+        return (torch.logsumexp(sim, dim=1) - pos).mean()
 
     return 0.5 * (one_way(logits) + one_way(logits.t()))
 

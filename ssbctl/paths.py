@@ -43,10 +43,10 @@ def find_config(kind: str, name: str) -> Path:
         if shipped is not None and path.parent.name == kind:
             return shipped
         raise UserError(f"{kind[:-1]} file not found: {name}")
-    shipped = shipped_configs(kind)
-    if name in shipped:
-        return shipped[name]
-    raise UserError(f"unknown {kind[:-1]} '{name}'; known: {', '.join(sorted(shipped))}")
+    known = shipped_configs(kind)
+    if name in known:
+        return known[name]
+    raise UserError(f"unknown {kind[:-1]} '{name}'; known: {', '.join(sorted(known))}")
 
 
 def resolve_prepared(name: str) -> Path:
@@ -59,7 +59,7 @@ def resolve_prepared(name: str) -> Path:
                     f"run `ssbctl prepare` first")
 
 
-def open_stores(prepared: str, experts: tuple[str, ...] = ()) -> "ExpertStores":
+def open_stores(prepared: str, experts: tuple[str, ...] = ()) -> ExpertStores:
     """The prepared data a recipe names: its main store plus any extra experts."""
     from ssbctl.data.store import ExpertStores
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -58,7 +58,7 @@ def field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
-def check_rows(rows: list[dict[str, Any]], path: Path, fields: dict[str, type]) -> list[dict[str, Any]]:
+def check_rows(rows: list[dict[str, Any]], path: Path, fields: Mapping[str, type]) -> list[dict[str, Any]]:
     """Check that every row of a JSON Lines file has ``fields`` of the right kinds."""
     for n, row in enumerate(rows, 1):
         for key, kind in fields.items():

@@ -17,17 +17,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from pathlib import Path  # noqa: E402
-from typing import Iterator  # noqa: E402
+from pathlib import Path
+from typing import Iterator
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from ssbctl.data.backbones import build_backbone  # noqa: E402
-from ssbctl.data.datasets import read_custom  # noqa: E402
-from ssbctl.data.datasets.shapes import ShapesSpec, generate  # noqa: E402
-from ssbctl.data.prepare import prepare_items  # noqa: E402
-from ssbctl.data.video import Sampling  # noqa: E402
+from ssbctl.data.backbones import build_backbone
+from ssbctl.data.datasets import read_custom
+from ssbctl.data.datasets.shapes import ShapesSpec, generate
+from ssbctl.data.prepare import prepare_items
+from ssbctl.data.video import Sampling
 
 TINY_SPEC = ShapesSpec(num_videos=24, frame_size=32, fps=8, min_seconds=1.0, max_seconds=1.5,
                        captions_per_video=3, val_fraction=0.25, test_fraction=0.25)

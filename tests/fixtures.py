@@ -135,7 +135,8 @@ def tiny_text_model(folder: Path, family: str, dropout: float | None = None) -> 
 
     words = ["<pad>", "<unk>", "<s>", "</s>"] + sorted(set(
         "a the red green blue yellow purple white small large big little tiny circle ball square box "
-        "triangle cross moves to left right up down grows shrinks spins still follows towards person cooks man".split()))
+        "triangle cross moves to left right up down grows shrinks spins still follows towards person cooks "
+        "man".split()))
     vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -155,8 +156,9 @@ def tiny_text_model(folder: Path, family: str, dropout: float | None = None) -> 
                                                                        num_hidden_layers=1, num_attention_heads=2,
                                                                        max_position_embeddings=64, **common))
     else:
-        model = transformers.BertModel(transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                               intermediate_size=32, max_position_embeddings=64, **common))
+        model = transformers.BertModel(transformers.BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=64, **common))
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder

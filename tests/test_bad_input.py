@@ -314,7 +314,8 @@ def explain_on_empty_index(tiny: Tiny, tmp: Path) -> Case:
 @case
 def faiss_on_empty_index(tiny: Tiny, tmp: Path) -> Case:
     _empty_index(tiny, tmp)
-    return ["index", tiny.run, "--videos", tmp / "none", "--out", tmp / "empty", "--faiss", "ivf"], 2, ["index is empty"]
+    args = ["index", tiny.run, "--videos", tmp / "none", "--out", tmp / "empty", "--faiss", "ivf"]
+    return args, 2, ["index is empty"]
 
 
 @case

@@ -27,8 +27,8 @@ def test_prepare_train_evaluate_index_retrieve(shapes_raw: Path, tiny_recipe_arg
     assert summary["merged"] and summary["manifests"][0]["counts"] == {"videos": 24, "captions": 72, "failures": 0}
 
     run = tmp_path / "run"
-    recipe = _write_recipe(tmp_path / "tiny.toml", [a for a in tiny_recipe_args("unused") if not a.startswith("data.prepared")]
-                           + [f'data.prepared="{prepared}"'])
+    args = [a for a in tiny_recipe_args("unused") if not a.startswith("data.prepared")]
+    recipe = _write_recipe(tmp_path / "tiny.toml", args + [f'data.prepared="{prepared}"'])
     assert main(["train", "--recipe", str(recipe), "--out", str(run), "--set", "train.epochs=3"]) == 0
     assert "trained 12 steps" in capsys.readouterr().out
 
@@ -43,7 +43,8 @@ def test_prepare_train_evaluate_index_retrieve(shapes_raw: Path, tiny_recipe_arg
     assert main(["index", str(run), "--out", str(index), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["videos"] == 24
 
-    assert main(["retrieve", "--query", "a red circle moves to the left", "--index", str(index), "-k", "3", "--json"]) == 0
+    assert main(["retrieve", "--query", "a red circle moves to the left", "--index", str(index), "-k", "3",
+                 "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert [h["rank"] for h in hits] == [1, 2, 3]
     assert set(hits[0]) == {"rank", "video_id", "score", "path"} and hits[0]["score"] >= hits[2]["score"]

@@ -103,7 +103,8 @@ def _workers(launcher: int) -> dict[int, int]:
     found: dict[int, int] = {}
     for torchrun in _children(launcher):
         for pid in _children(torchrun):
-            env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+            items = Path(f"/proc/{pid}/environ").read_text().split("\0")
+            env = dict(item.split("=", 1) for item in items if "=" in item)
             found[int(env["RANK"])] = pid
     return found
 

@@ -74,7 +74,8 @@ def test_ssb_loss_adds_weighted_caption_term_and_clamps_temperature() -> None:
     loss = SSBLoss(LossConfig(caption_weight=0.5, max_logit_scale=20.0))
     out = loss(t, v, ids, torch.tensor(math.log(1000.0)), logits, targets)
     assert set(out) == {"loss", "contrastive_loss", "caption_loss"}
-    assert out["loss"].item() == pytest.approx(out["contrastive_loss"].item() + 0.5 * out["caption_loss"].item(), rel=1e-6)
+    total = out["contrastive_loss"].item() + 0.5 * out["caption_loss"].item()
+    assert out["loss"].item() == pytest.approx(total, rel=1e-6)
     assert out["contrastive_loss"].item() == pytest.approx(infonce_loss(t, v, ids, torch.tensor(20.0)).item(), rel=1e-6)
     only = loss(t, v, ids, torch.tensor(0.0))
     assert set(only) == {"loss", "contrastive_loss"}

@@ -89,7 +89,8 @@ def test_frozen_text_encoder_caches_exactly_what_it_computes(shapes_store: Path,
     assert not any(p.requires_grad for p in model.text.backbone.parameters())
     model.train()
     first = model.text(batch.input_ids, batch.attention_mask)
-    assert len(model.text._cache) == len({tuple(r[m.bool()].tolist()) for r, m in zip(batch.input_ids, batch.attention_mask)})
+    distinct = {tuple(r[m.bool()].tolist()) for r, m in zip(batch.input_ids, batch.attention_mask)}
+    assert len(model.text._cache) == len(distinct)
     again = model.text(batch.input_ids, batch.attention_mask)
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     model.text.frozen = False

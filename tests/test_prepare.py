@@ -156,9 +156,11 @@ def test_prepare_with_other_settings_refuses_unfinished_work(shapes_raw: Path, t
 
     items = read_custom(shapes_raw / "captions.jsonl")
     out = tmp_path / "store"
-    prepare("custom", items, [build_backbone("pixels", size=8)], [out], PrepareOptions(SAMPLING, shard=0, num_shards=2, workers=0))
+    prepare("custom", items, [build_backbone("pixels", size=8)], [out],
+            PrepareOptions(SAMPLING, shard=0, num_shards=2, workers=0))
     with pytest.raises(UserError, match="other settings"):
-        prepare("custom", items, [build_backbone("pixels", size=4)], [out], PrepareOptions(SAMPLING, shard=1, num_shards=2, workers=0))
+        prepare("custom", items, [build_backbone("pixels", size=4)], [out],
+                PrepareOptions(SAMPLING, shard=1, num_shards=2, workers=0))
 
 
 def _variants(data: bytes, rng: np.random.Generator) -> dict[str, bytes]:

@@ -27,7 +27,8 @@ def trained(shapes_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     """A small shapes model (frozen real MiniLM) trained until it knows the 12 training videos;
     and an index of the training videos, with thumbnails."""
     root = tmp_path_factory.mktemp("trained")
-    recipe = load_recipe("shapes", [f'data.prepared="{shapes_store}"', "model.embed_dim=64", "model.video.hidden_dim=64",
+    recipe = load_recipe("shapes", [f'data.prepared="{shapes_store}"', "model.embed_dim=64",
+                                    "model.video.hidden_dim=64",
                                     "model.decoder.hidden_dim=64", "model.video.dropout=0.0", "train.batch_size=12",
                                     "train.max_steps=80", "train.warmup_steps=5", "train.lr=3e-3",
                                     'data.eval_split=""', "model.support.slots=2"])

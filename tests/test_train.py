@@ -130,13 +130,15 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_recipe_args, t
     # one loss curve, equal to the uninterrupted run's; the rows the killed part logged after its
     # last checkpoint are kept aside
     curve = [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl")]
-    assert curve == [(r["step"], r["loss"], r["grad_norm"]) for r in read_jsonl(tmp_path / "reference" / "metrics.jsonl")]
+    reference = read_jsonl(tmp_path / "reference" / "metrics.jsonl")
+    assert curve == [(r["step"], r["loss"], r["grad_norm"]) for r in reference]
     assert [s for s, *_ in curve] == list(range(1, 49))
     superseded = tmp_path / "killed" / "metrics.superseded.jsonl"
     assert not superseded.exists() or all(r["step"] > int(last.name[5:]) for r in read_jsonl(superseded))
 
 
-def test_two_experts_train_and_evaluate(shapes_raw: Path, tiny_vit: Path, tiny_recipe_args, tmp_path: Path, capsys) -> None:
+def test_two_experts_train_and_evaluate(shapes_raw: Path, tiny_vit: Path, tiny_recipe_args, tmp_path: Path,
+                                        capsys) -> None:
     """Two backbones prepared in one pass become two experts of the video encoder."""
     from ssbctl.cli.app import main
 

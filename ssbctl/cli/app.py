@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     line too, unless ``SSBCTL_DEBUG=1`` asks for the traceback."""
     usage_errors = _loaded_click_classes("ClickException", typer.BadParameter)
     exits = _loaded_click_classes("Exit", typer.Exit)
-    aborts = _loaded_click_classes("Abort", typer.Abort)
+    aborts = _loaded_click_classes("Abort", typer.Abort) + (KeyboardInterrupt,)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         # obj: the command line as given, for commands that relaunch themselves (train --nproc)
@@ -79,15 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(1, f"error: training failed: {exc}")
     except DataError as exc:
         return _fail(1, f"error: {exc}")
+    # Found at run time, the click classes are typed as BaseException: hence the ignores.
     except exits as exc:
         return exc.exit_code  # type: ignore[attr-defined]
     except usage_errors as exc:
         exc.show()  # type: ignore[attr-defined]
         return exc.exit_code  # type: ignore[attr-defined]
-    except (*aborts, KeyboardInterrupt):
+    except aborts:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the last resort: one line instead of a traceback
+    except Exception as exc:  # the last resort: one line instead of a traceback (re-raised under SSBCTL_DEBUG)
         if os.environ.get("SSBCTL_DEBUG", "") not in ("", "0"):
             raise
         text = " ".join(str(exc).split())[:300]

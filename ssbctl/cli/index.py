@@ -22,10 +22,12 @@ EPILOG = """Examples:
 def index(
     run: Annotated[Path, typer.Argument(help="Run folder written by `ssbctl train`.")],
     data: Annotated[str | None, typer.Option(help="Prepared data to index (default: the run's).")] = None,
-    videos: Annotated[Path | None, typer.Option(help="Index the video files under this folder instead (incremental).")] = None,
+    videos: Annotated[Path | None, typer.Option(
+        help="Index the video files under this folder instead (incremental).")] = None,
     half: Annotated[bool, typer.Option(help="Store embeddings as float16.")] = False,
     workers: Annotated[int, typer.Option(help="--videos: decoding processes.", callback=at_least(0, "--workers"))] = 2,
-    faiss: Annotated[str | None, typer.Option(help="Also build an approximate faiss index: 'ivf' or a faiss factory string (IVF4096,PQ32).")] = None,
+    faiss: Annotated[str | None, typer.Option(
+        help="Also build an approximate faiss index: 'ivf' or a faiss factory string (IVF4096,PQ32).")] = None,
     split: Annotated[list[str] | None, typer.Option(help="Only these splits (repeatable; default: all).")] = None,
     output: Annotated[Path | None, typer.Option("--out", help="Index folder (default: $SSBCTL_HOME/index).")] = None,
     checkpoint: CheckpointOption = None,

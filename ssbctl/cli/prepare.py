@@ -50,28 +50,41 @@ def _positive_fps(value: float) -> float:
 
 def prepare(
     dataset: Annotated[str, typer.Argument(help="msrvtt, msvd, vatex, activitynet, didemo, custom or shapes.")],
-    root: Annotated[Path | None, typer.Option(help="The dataset folder as its publishers ship it (shapes: where clips are generated).")] = None,
-    annotations: Annotated[Path | None, typer.Option(help="custom: JSON Lines or CSV of video, caption[, split].")] = None,
-    output: Annotated[Path | None, typer.Option("--out", help="Prepared-data folder (default: $SSBCTL_HOME/data/DATASET-BACKBONE).")] = None,
-    backbones: Annotated[list[str] | None, typer.Option("--backbone", help="pixels, clip, clip:MODEL or hf:MODEL; repeat for several experts.")] = None,
-    features: Annotated[Path | None, typer.Option(help="Import pre-extracted features (VIDEO_ID.npy or .safetensors per video) instead of decoding.")] = None,
-    download: Annotated[bool, typer.Option(help="Download the dataset's files into --root first (resumable, checked).")] = False,
-    urls: Annotated[list[str] | None, typer.Option("--url", help="With --download: fetch these instead of the known sources.")] = None,
+    root: Annotated[Path | None, typer.Option(
+        help="The dataset folder as its publishers ship it (shapes: where clips are generated).")] = None,
+    annotations: Annotated[Path | None, typer.Option(
+        help="custom: JSON Lines or CSV of video, caption[, split].")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--out", help="Prepared-data folder (default: $SSBCTL_HOME/data/DATASET-BACKBONE).")] = None,
+    backbones: Annotated[list[str] | None, typer.Option(
+        "--backbone", help="pixels, clip, clip:MODEL or hf:MODEL; repeat for several experts.")] = None,
+    features: Annotated[Path | None, typer.Option(
+        help="Import pre-extracted features (VIDEO_ID.npy or .safetensors per video) instead of decoding.")] = None,
+    download: Annotated[bool, typer.Option(
+        help="Download the dataset's files into --root first (resumable, checked).")] = False,
+    urls: Annotated[list[str] | None, typer.Option(
+        "--url", help="With --download: fetch these instead of the known sources.")] = None,
     sha256: Annotated[str | None, typer.Option(help="With one --url: its expected SHA-256.")] = None,
-    max_extract_bytes: Annotated[str | None, typer.Option(help="With --download: most bytes one archive may expand to, e.g. 500G (default 256G; env SSBCTL_MAX_EXTRACT_BYTES).")] = None,
+    max_extract_bytes: Annotated[str | None, typer.Option(
+        help="With --download: most bytes one archive may expand to, e.g. 500G "
+             "(default 256G; env SSBCTL_MAX_EXTRACT_BYTES).")] = None,
     split: Annotated[str, typer.Option(help="msrvtt: training split 9k or 7k.")] = "9k",
-    frames: Annotated[int | None, typer.Option(help="Most frames per video (default: the dataset's: 12, or 64 for paragraphs).")] = None,
-    sampling: Annotated[str | None, typer.Option(help="fps (default for real datasets) or uniform (segment centres).")] = None,
+    frames: Annotated[int | None, typer.Option(
+        help="Most frames per video (default: the dataset's: 12, or 64 for paragraphs).")] = None,
+    sampling: Annotated[str | None, typer.Option(
+        help="fps (default for real datasets) or uniform (segment centres).")] = None,
     fps: Annotated[float, typer.Option(help="fps sampling: frames per second.", callback=_positive_fps)] = 1.0,
     pixel_size: Annotated[int, typer.Option(help="pixels backbone: frames are resized to this square size.")] = 16,
-    shard: Annotated[str | None, typer.Option(help="K/N: prepare every N-th video from the K-th (default: torchrun's RANK/WORLD_SIZE).")] = None,
+    shard: Annotated[str | None, typer.Option(
+        help="K/N: prepare every N-th video from the K-th (default: torchrun's RANK/WORLD_SIZE).")] = None,
     workers: Annotated[int, typer.Option(help="Decoding processes (0: in-process, no crash isolation).",
                                          callback=at_least(0, "--workers"))] = 2,
     max_failures: Annotated[int, typer.Option(help="Fail once more videos than this are unusable (-1: never).")] = -1,
     chunk_size: Annotated[int, typer.Option(help="Videos per saved work chunk: what a killed prepare may redo.")] = 64,
     device: Annotated[str, typer.Option(help="Where learned backbones run: auto, cpu, cuda or cuda:N.",
                                         callback=check_device)] = "auto",
-    num_videos: Annotated[int, typer.Option(help="shapes: clips to generate.", callback=at_least(1, "--num-videos"))] = 600,
+    num_videos: Annotated[int, typer.Option(
+        help="shapes: clips to generate.", callback=at_least(1, "--num-videos"))] = 600,
     seed: Annotated[int, typer.Option(help="shapes: generation seed.")] = 0,
     as_json: JsonOption = False,
 ) -> None:
@@ -107,11 +120,11 @@ def prepare(
             fetch_dataset(dataset, root, urls, sha256, progress=lambda _name: update, limits=limits)
     with progress_bar("generate clips" if dataset == "shapes" else "read annotations") as update:
         items = dataset_items(dataset, root, annotations, ShapesSpec(num_videos=num_videos, seed=seed), update, split)
-    if features is not None:
+    if features is None:
+        models = [parse_backbone(b, pixel_size, device) for b in backbones or ["pixels"]]
+    else:
         items, dim = imported_items(items, features)
         models = [ImportedFeatures(dim, str(features))]
-    else:
-        models = [parse_backbone(b, pixel_size, device) for b in backbones or ["pixels"]]
     tags = [backbone_tag(m) for m in models]
     if output is None:
         outs = [home() / "data" / f"{dataset}-{t}" for t in tags]
@@ -141,7 +154,8 @@ def prepare(
     for manifest in summary["manifests"]:
         for row in manifest["failed"][:20]:
             err.print(f"[yellow]skipped[/] {escape(row['path'])}: {escape(row['reason'])}")
-        splits = ", ".join(f"{s} {c['videos']} videos / {c['captions']} captions" for s, c in manifest["splits"].items())
+        splits = ", ".join(f"{s} {c['videos']} videos / {c['captions']} captions"
+                           for s, c in manifest["splits"].items())
         decoders = ", ".join(f"{name} {n}" for name, n in manifest.get("decoders", {}).items())
         out.print(f"prepared {dataset} -> {escape(str(manifest['out']))}\n  {splits}\n  "
                   + (f"decoded by: {decoders} (per video in videos.jsonl)\n  " if decoders else "")

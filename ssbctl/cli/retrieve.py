@@ -55,7 +55,8 @@ def _check_output(option: str, path: Path | None) -> None:
 def _table(title: str, hits: list[dict[str, Any]]) -> Table:
     """Hits as a table; every value is shown as text (a path or query with [brackets] stays literal)."""
     table = Table(title=escape(title))
-    cols = [c for c in ("rank", "video_id", "caption", "score", "ds_score", "weight", "path") if c in hits[0]] if hits else []
+    known = ("rank", "video_id", "caption", "score", "ds_score", "weight", "path")
+    cols = [c for c in known if c in hits[0]] if hits else []
     for col in cols:
         table.add_column(col, justify="right" if col in ("rank", "score", "ds_score", "weight") else "left")
     for h in hits:
@@ -66,14 +67,18 @@ def _table(title: str, hits: list[dict[str, Any]]) -> Table:
 def retrieve(
     query: Annotated[str | None, typer.Option("--query", "-q", help="Text to search for.")] = None,
     queries: Annotated[Path | None, typer.Option(help="File with one query per line ('-' for stdin).")] = None,
-    video: Annotated[Path | None, typer.Option(help="A video file: find similar videos (or captions, with --caption-bank).")] = None,
+    video: Annotated[Path | None, typer.Option(
+        help="A video file: find similar videos (or captions, with --caption-bank).")] = None,
     caption_bank: Annotated[Path | None, typer.Option(help="With --video: rank these captions (one per line).")] = None,
     index_dir: IndexOption = None,
     k: Annotated[int, typer.Option("-k", help="How many results.")] = 5,
     sheet: Annotated[Path | None, typer.Option(help="Write a contact sheet PNG of the top-k thumbnails.")] = None,
-    explain: Annotated[Path | None, typer.Option(help="Write the support-set attention heatmap PNG for the first query.")] = None,
-    dual_softmax: Annotated[Path | None, typer.Option("--dual-softmax", help="Re-rank with dual softmax over this query bank (one per line).")] = None,
-    backend: Annotated[str, typer.Option(help="exact (chunked scan) or faiss (approximate; see index --faiss).")] = "exact",
+    explain: Annotated[Path | None, typer.Option(
+        help="Write the support-set attention heatmap PNG for the first query.")] = None,
+    dual_softmax: Annotated[Path | None, typer.Option(
+        "--dual-softmax", help="Re-rank with dual softmax over this query bank (one per line).")] = None,
+    backend: Annotated[str, typer.Option(
+        help="exact (chunked scan) or faiss (approximate; see index --faiss).")] = "exact",
     device: DeviceOption = "auto",
     as_json: JsonOption = False,
 ) -> None:
@@ -96,7 +101,7 @@ def retrieve(
     _check_output("--explain", explain)
     searcher = Searcher(index_dir, device)
     searcher.index.backend = backend
-    if caption_bank:
+    if caption_bank and video is not None:  # (--caption-bank without --video is refused above)
         hits = searcher.captions_for_video(video, _lines(caption_bank), k)
         print_json(hits) if as_json else out.print(_table(f"captions for {video}", hits))
         return

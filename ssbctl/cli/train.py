@@ -26,10 +26,13 @@ EPILOG = """Examples:
 def train(
     ctx: typer.Context,
     recipe: Annotated[str | None, typer.Option(help="Recipe name (shapes) or TOML path.")] = None,
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: train.lr=3e-4 (repeatable).")] = None,
-    output: Annotated[Path | None, typer.Option("--out", help="Run folder (default: the recipe's train.output_dir).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a recipe key: train.lr=3e-4 (repeatable).")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--out", help="Run folder (default: the recipe's train.output_dir).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
-    nproc: Annotated[int, typer.Option(help="Launch this many processes with torchrun (one per GPU, or gloo on CPU).")] = 1,
+    nproc: Annotated[int, typer.Option(
+        help="Launch this many processes with torchrun (one per GPU, or gloo on CPU).")] = 1,
     as_json: JsonOption = False,
 ) -> None:
     """Train the SSB model on prepared data; checkpoints, metrics.jsonl and the resolved recipe go to the run folder.

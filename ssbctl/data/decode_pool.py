@@ -119,14 +119,16 @@ class DecodePool:
                 except DecodeError as exc:
                     yield key, None, str(exc)
             return
-        queue: list[Task] = [(key, path, None) for key, path in jobs][::-1]
+        queue: list[Task] = [(key, path, None) for key, path in jobs]
+        queue.reverse()  # popped from the end: in order
         slots = [_Slot(self.work, self.sampling, self.features) for _ in range(min(self.workers, len(queue)))]
         try:
             for slot in slots:
                 if queue:
                     slot.give(queue.pop())
             while any(s.job is not None for s in slots):
-                busy = {s.conn: s for s in slots if s.job is not None}
+                # Any: wait() types what it answers more widely than the Connections it is given.
+                busy: dict[Any, _Slot] = {s.conn: s for s in slots if s.job is not None}
                 for conn in wait(list(busy), timeout=1.0):
                     result = self._collect(busy[conn], slots, queue)
                     if result is not None:

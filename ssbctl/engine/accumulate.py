@@ -52,6 +52,7 @@ def accumulated_backward(model: SSBModel, batch: Batch, micro_batches: int,
     with autocast():
         terms = model.loss_from_embeddings(video, text, batch)
     scale(terms["loss"]).backward()
+    assert video.grad is not None and text.grad is not None  # leaves that the loss used
     for (lo, hi), state in zip(bounds, states):
         _set_rng_state(state, device)
         with autocast():

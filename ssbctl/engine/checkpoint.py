@@ -31,10 +31,11 @@ NAME = re.compile(r"step-[0-9]{8,}")  # what save_checkpoint names a checkpoint
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module inside DistributedDataParallel and/or ``torch.compile`` wrappers."""
     while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+        for wrapped in ("module", "_orig_mod"):  # DDP's, then torch.compile's
+            inner = getattr(model, wrapped, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
         else:
             return model
 

@@ -141,7 +141,7 @@ def read_expert_specs(run_dir: Path) -> list[dict[str, Any]]:
     return specs
 
 
-def check_store_fits(run_dir: Path, recipe: Recipe, store: "ExpertStores") -> None:
+def check_store_fits(run_dir: Path, recipe: Recipe, store: ExpertStores) -> None:
     """The run's video encoder takes features of the sizes it was trained on: a store of another
     backbone (another feature size or number of experts) is a UserError, not a shape error later."""
     trained = tuple(recipe.model.video.input_dims)

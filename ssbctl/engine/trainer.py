@@ -201,7 +201,8 @@ class Trainer:
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
-        return torch.compile(model) if self.cfg.compile else model
+        # torch.compile's stubs promise a callable; given a Module it returns one (OptimizedModule).
+        return torch.compile(model) if self.cfg.compile else model  # type: ignore[return-value]
 
     def _checkpoint_to_resume(self, resume: bool) -> Path | None:
         found = latest_checkpoint(self.run_dir)
@@ -308,7 +309,8 @@ class Trainer:
         return {"run_dir": str(self.run_dir), "rank": self.dist.rank, "steps": self.state.step,
                 "epochs": self.state.epoch,
                 "nonfinite_steps": self.state.nonfinite_steps, "eval": last_eval,
-                "stopped_by": signal.Signals(self.stop_signal).name if self.stopping else None}
+                "stopped_by": signal.Signals(self.stop_signal).name
+                if self.stopping and self.stop_signal is not None else None}
 
     def _run_epoch(self, loader: DataLoader) -> None:
         window: dict[str, torch.Tensor] = {}  # loss terms summed on the device: read back only when logged
@@ -332,7 +334,7 @@ class Trainer:
             elapsed = max(time.perf_counter() - tick, 1e-9)
             means = {k: float(v) / count for k, v in window.items()} if logged else None
             self.reporter.step(self.state.step, means, clips / elapsed)
-            if logged:
+            if means is not None:  # logged
                 self._log(means, clips / elapsed, waited / elapsed)
                 window, count, clips, waited, tick = {}, 0, 0, 0.0, time.perf_counter()
             if self.cfg.ckpt_every and self.state.step % self.cfg.ckpt_every == 0:
@@ -470,7 +472,7 @@ class _StopOnSignal:
         self.trainer.stop_signal = signum
         self.trainer.reporter.note(f"{signal.Signals(signum).name}: saving a checkpoint, then stopping")
 
-    def __enter__(self) -> "_StopOnSignal":
+    def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)

@@ -24,6 +24,8 @@ def decoder_vocab(token_ids: list[int] | None, tokenizer_size: int) -> torch.Ten
 class CaptionDecoder(nn.Module):
     """Teacher-forced transformer decoder cross-attending to the support-set bottleneck."""
 
+    lookup: torch.Tensor  # buffer: tokenizer id -> decoder id
+
     def __init__(self, cfg: DecoderConfig, tokenizer_size: int, max_tokens: int,
                  vocab: torch.Tensor | None = None) -> None:
         super().__init__()

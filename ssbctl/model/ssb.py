@@ -29,18 +29,18 @@ class Batch:
     attention_mask: torch.Tensor  # (B, L)
     video_index: torch.Tensor  # (B,) which video each pair shows; equal ids are positives
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The same batch on ``device``."""
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch([move(v) for v in self.video], [move(m) for m in self.video_mask],
                      move(self.input_ids), move(self.attention_mask), move(self.video_index))
 
-    def slice(self, lo: int, hi: int) -> "Batch":
+    def slice(self, lo: int, hi: int) -> Batch:
         """Pairs ``lo:hi`` of the batch (a micro-batch)."""
         return Batch([v[lo:hi] for v in self.video], [m[lo:hi] for m in self.video_mask],
                      self.input_ids[lo:hi], self.attention_mask[lo:hi], self.video_index[lo:hi])
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Page-locked copies, for DataLoader(pin_memory=True)."""
         return Batch([v.pin_memory() for v in self.video], [m.pin_memory() for m in self.video_mask],
                      self.input_ids.pin_memory(), self.attention_mask.pin_memory(),
@@ -130,7 +130,8 @@ def build_model(cfg: ModelConfig, loss: LossConfig, feature_dims: tuple[int, ...
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, input_dims=feature_dims))
     vocab = None
     if cfg.support.mask != "none":
-        seen = caption_token_ids(tokenizer, train_captions, cfg.text.max_tokens) if cfg.decoder.vocab == "train" else None
+        seen = (caption_token_ids(tokenizer, train_captions, cfg.text.max_tokens)
+                if cfg.decoder.vocab == "train" else None)
         vocab = decoder_vocab(seen, len(tokenizer))
         cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, vocab_size=len(vocab) + 2))
     return SSBModel(cfg, loss, backbone, len(tokenizer), vocab), tokenizer, cfg

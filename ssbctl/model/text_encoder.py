@@ -85,7 +85,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        self.proj = nn.Linear(backbone.config.hidden_size, embed_dim)
+        config: Any = backbone.config  # the Hugging Face model's config
+        self.proj = nn.Linear(config.hidden_size, embed_dim)
         self.frozen = cfg.trainable_layers == 0
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
         pooler = getattr(backbone, "pooler", None)
@@ -97,7 +98,7 @@ class TextEncoder(nn.Module):
             for layer in list(stack)[len(stack) - cfg.trainable_layers:] if cfg.trainable_layers else []:
                 layer.requires_grad_(True)
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         super().train(mode)
         if self.frozen:
             self.backbone.eval()  # a frozen encoder never uses dropout, so its outputs can be cached

@@ -49,7 +49,8 @@ def build_ann(embeddings: torch.Tensor, folder: Path, factory: str = "", nprobe:
     return {"factory": factory, "nprobe": nprobe, f"recall@{k}": recall, "recall_queries": len(queries)}
 
 
-def ann_search(folder: Path, queries: torch.Tensor, k: int, nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ann_search(folder: Path, queries: torch.Tensor, k: int,
+               nprobe: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate top-k (scores, rows) ``(Q, k)`` from the index folder's faiss file (memory-mapped).
 
     Slots faiss could not fill (the probed cells hold fewer than ``k`` vectors) have row -1."""

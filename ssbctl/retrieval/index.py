@@ -136,7 +136,7 @@ class Index:
         return path if path is not None and path.is_file() else None
 
     @classmethod
-    def load(cls, folder: Path) -> "Index":
+    def load(cls, folder: Path) -> Index:
         """Read an index folder."""
         folder = Path(folder)
         if not (folder / "index.json").is_file():

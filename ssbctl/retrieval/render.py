@@ -21,7 +21,8 @@ def sheet_size(queries: int, k: int) -> tuple[int, int]:
     return k * (CELL + 4) + 4, queries * (CELL + 3 * LABEL + 4) + 4
 
 
-def contact_sheet(rows: list[tuple[str, list[dict[str, Any]], list[Path | None]]], k: int, out: Path) -> tuple[int, int]:
+def contact_sheet(rows: list[tuple[str, list[dict[str, Any]], list[Path | None]]], k: int,
+                  out: Path) -> tuple[int, int]:
     """Write a PNG: for each (query, hits, thumbnails) a title line and the top-k thumbnails
     labelled with rank and score. Returns the image size."""
     from PIL import Image, ImageDraw
@@ -36,13 +37,14 @@ def contact_sheet(rows: list[tuple[str, list[dict[str, Any]], list[Path | None]]
             left = 4 + c * (CELL + 4)
             box = (left, top + LABEL, left + CELL, top + LABEL + CELL)
             if thumb is not None:
-                with Image.open(thumb) as img:
-                    img = img.convert("RGB")
-                    img.thumbnail((CELL, CELL))
-                    sheet.paste(img, (left + (CELL - img.width) // 2, top + LABEL + (CELL - img.height) // 2))
+                with Image.open(thumb) as png:
+                    img = png.convert("RGB")
+                img.thumbnail((CELL, CELL))
+                sheet.paste(img, (left + (CELL - img.width) // 2, top + LABEL + (CELL - img.height) // 2))
             else:
                 draw.rectangle(box, fill=(70, 70, 70))
-            draw.text((left, top + LABEL + CELL + 1), f"#{hit['rank']}  {hit['score']:.3f}", fill=(250, 220, 120), font=font)
+            draw.text((left, top + LABEL + CELL + 1), f"#{hit['rank']}  {hit['score']:.3f}",
+                      fill=(250, 220, 120), font=font)
             draw.text((left, top + 2 * LABEL + CELL), str(hit["video_id"])[-16:], fill=(180, 180, 180), font=font)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, format="PNG")

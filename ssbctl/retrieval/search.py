@@ -22,12 +22,13 @@ class Searcher:
     """An index and the run that made it."""
 
     def __init__(self, index_dir: Path | None = None, device: str = "auto") -> None:
-        self.index = Index.load(index_dir or default_index())
+        folder = Path(index_dir or default_index())
+        self.index = Index.load(folder)
         bad = nonfinite_rows(self.index.embeddings)
         if bad:  # written by a broken checkpoint before `ssbctl index` refused to
             raise DataError(f"index {self.index.folder} holds {bad} of {len(self.index.videos)} non-finite "
                             f"(NaN or Inf) embeddings; build it again from a sound checkpoint")
-        field(self.index.meta, "run", str, f"{self.index.folder / 'index.json'}")  # the run that embeds queries
+        field(self.index.meta, "run", str, f"{folder / 'index.json'}")  # the run that embeds queries
         self.run = load_run(self.index.meta["run"], self.index.meta.get("checkpoint"), device)
         if self.index.embeddings.shape[1] != self.run.model.cfg.embed_dim:
             raise DataError(f"{self.index.folder}: embeddings of size {self.index.embeddings.shape[1]}, but the run "
@@ -74,4 +75,5 @@ class Searcher:
         query = self.encode_texts([text]) if text else embed_video_file(self.run, video)  # type: ignore[arg-type]
         result = support_attention(self.run, self.index, query, max(k, 2))
         heatmap(result["weights"], result["videos"], f"support-set attention ({result['mask']}) for {label!r}", out)
-        return [{"rank": i + 1, "video_id": d["video_id"], "weight": d["weight"]} for i, d in enumerate(result["draws_on"])]
+        return [{"rank": i + 1, "video_id": d["video_id"], "weight": d["weight"]}
+                for i, d in enumerate(result["draws_on"])]

@@ -156,7 +156,8 @@ def index_videos(run: LoadedRun, folder: Path, out: Path, dtype: torch.dtype = t
         new_rows.append({"video_id": str(path.relative_to(folder.resolve()).with_suffix("")), "path": str(path),
                          "split": "", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "thumb": thumb_name(path),
                          "decoder": embedder.decoders[i] if embedder else ""})
-        thumbs[thumb_name(path)] = thumb
+        if thumb is not None:  # always, for a video whose features were read
+            thumbs[thumb_name(path)] = thumb
     parts = [old.embeddings[keep].float()] if keep and old is not None else []
     if embedder is not None and new_feats:
         parts.append(embedder.embed(new_feats))

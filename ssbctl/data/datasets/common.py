@@ -6,6 +6,7 @@ import csv
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Literal, overload
 
 from ssbctl.data.video import VIDEO_SUFFIXES
 from ssbctl.errors import UserError
@@ -47,6 +48,12 @@ class VideoFiles:
             if name in self.by_stem:
                 return self.by_stem[name]
         return self.root / f"{names[0]}.mp4"
+
+
+@overload
+def find_file(root: Path, *names: str, required: Literal[True] = True) -> Path: ...
+@overload
+def find_file(root: Path, *names: str, required: bool) -> Path | None: ...
 
 
 def find_file(root: Path, *names: str, required: bool = True) -> Path | None:

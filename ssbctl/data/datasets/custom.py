@@ -16,7 +16,7 @@ from ssbctl.errors import UserError
 def _rows(path: Path) -> list[dict[str, object]]:
     try:
         if path.suffix == ".csv":
-            return list(read_csv(path))
+            return [dict(row) for row in read_csv(path)]
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None

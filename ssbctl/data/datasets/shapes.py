@@ -157,7 +157,8 @@ def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray
     return ((np.abs(u) <= r) & (np.abs(v) <= r / 3)) | ((np.abs(u) <= r / 3) & (np.abs(v) <= r))
 
 
-def _trajectory(obj: dict[str, Any], start: tuple[float, float], t: float, size: int) -> tuple[float, float, float, float]:
+def _trajectory(obj: dict[str, Any], start: tuple[float, float], t: float,
+                size: int) -> tuple[float, float, float, float]:
     """Centre x, centre y, radius, angle of ``obj`` at time ``t`` in [0, 1]."""
     radius = SIZES[obj["size"]][0] * size / 64
     x, y = start
@@ -246,7 +247,8 @@ def generate(root: Path, spec: ShapesSpec, progress: Callable[[int, int], None] 
     if spec_file.is_file() and json.loads(spec_file.read_text()) == asdict(spec):
         return root / "captions.jsonl"
     (root / "videos").mkdir(parents=True, exist_ok=True)
-    rows, meta = [], []
+    rows: list[dict[str, str]] = []
+    meta: list[dict[str, object]] = []
     splits = assign_splits(spec)
     for i in range(spec.num_videos):
         rng = np.random.default_rng([spec.seed, i])
