@@ -4,7 +4,7 @@ Library use (no Typer or rich needed)::
 
     import ssbctl
     run = ssbctl.load("runs/shapes")            # model, tokenizer, recipe of a trained run
-    from ssbctl.losses import infonce_loss
+    from ssbctl.objective.losses import infonce_loss
     from ssbctl.evaluation import retrieval_metrics
 """
 
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # Lazy so that `ssbctl --help` does not pay for importing torch and transformers.
     if name == "load":
-        from ssbctl.engine.run import load_run
+        from ssbctl.inference.run import load_run
 
         return load_run
     if name in ("Index", "SSBModel", "load_recipe"):

@@ -16,21 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssbctl.errors import UserError
-from ssbctl.paths import find_config
+from ssbctl.core.device import DEVICES
+from ssbctl.core.errors import UserError
+from ssbctl.core.paths import find_config
 
 MASKS = ("none", "identity", "full", "cross")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def check_device_name(name: str, what: str = "--device") -> str:
-    """``name`` if it is auto, cpu, cuda or cuda:N; else a UserError naming ``what``."""
-    base, _, index = name.partition(":")
-    if name in DEVICES or (base == "cuda" and index.isdigit()):
-        return name
-    raise UserError(f"{what} must be auto, cpu, cuda or cuda:N, got {name!r}")
-
-
 def _choice(default: str, choices: tuple[str, ...]) -> Any:
     return field(default=default, metadata={"choices": choices})
 

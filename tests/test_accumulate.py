@@ -17,7 +17,8 @@ from ssbctl.data.loader import Collate, PairDataset
 from ssbctl.data.store import FeatureStore
 from ssbctl.engine.accumulate import accumulated_backward
 from ssbctl.engine.trainer import train
-from ssbctl.model.ssb import Batch, build_model
+from ssbctl.data.batch import Batch
+from ssbctl.model.ssb import build_model
 
 
 @pytest.mark.parametrize("mask", ["cross", "identity", "none"])

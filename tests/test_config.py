@@ -10,8 +10,8 @@ import pytest
 from ssbctl.config import (Recipe, dump_toml, load_model_config, load_recipe, parse_override,
                            recipe_from_dict, to_dict)
 from ssbctl.data.datasets import dataset_spec
-from ssbctl.errors import UserError
-from ssbctl.paths import find_config, shipped_configs
+from ssbctl.core.errors import UserError
+from ssbctl.core.paths import find_config, shipped_configs
 
 
 @pytest.mark.parametrize("name", sorted(shipped_configs("recipes")))

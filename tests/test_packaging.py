@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_library_imports_without_typer_or_rich() -> None:
-    code = ("import sys, ssbctl.model, ssbctl.losses, ssbctl.evaluation, ssbctl.retrieval.index; "
+    code = ("import sys, ssbctl.model, ssbctl.objective.losses, ssbctl.evaluation, ssbctl.retrieval.index; "
             "bad = [m for m in ('typer', 'rich') if m in sys.modules]; assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from ssbctl.cli import demo, evaluate, index, prepare, retrieve, train
-from ssbctl.errors import DataError, TrainingError, UserError
+from ssbctl.core.errors import DataError, TrainingError, UserError
 
 app = typer.Typer(name="ssbctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Support-Set Bottlenecks for video-text retrieval: prepare, train, evaluate, retrieve.")
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(code: int, line: str) -> int:
     """Print the error line (under ``train --nproc``, hand it to the launcher instead) and return ``code``."""
-    from ssbctl.engine.torchrun import write_worker_error
+    from ssbctl.cli.torchrun import write_worker_error
 
     line = " ".join(line.splitlines())  # one line, whatever the message holds
     if not write_worker_error(code, line):

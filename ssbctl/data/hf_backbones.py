@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssbctl.data.backbones import Backbone
-from ssbctl.errors import UserError
+from ssbctl.core.device import resolve_device
+from ssbctl.core.errors import UserError
+from ssbctl.data.backbone import Backbone
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
@@ -36,8 +37,7 @@ class HFImageBackbone(Backbone):
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load image model '{model}': {str(exc).splitlines()[0]}") from None
         self.model.requires_grad_(False)
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
+        self.device = resolve_device(device)
         self.model.to(self.device)
         self.dim = int(self.encode(np.zeros((1, 32, 32, 3), np.uint8)).shape[1])
 

@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from ssbctl.model.ssb import Batch, SSBModel
+from ssbctl.data.batch import Batch
+from ssbctl.model.ssb import SSBModel
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -28,14 +28,15 @@ from ssbctl.data.store import FeatureStore
 from ssbctl.engine.accumulate import accumulated_backward
 from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, remap_optimizer_state,
                                       save_checkpoint)
-from ssbctl.engine.distributed import any_rank, average_gradients, barrier, gather_objects, in_group, setup, teardown
+from ssbctl.core.distributed import any_rank, average_gradients, barrier, gather_objects, in_group, setup, teardown
 from ssbctl.engine.run import build_run_model, check_store_fits, read_run_recipe, write_recipe, write_run_files
-from ssbctl.errors import DataError, TrainingError, UserError
+from ssbctl.core.errors import DataError, TrainingError, UserError
 from ssbctl.evaluation.evaluate import evaluate_split
-from ssbctl.io import append_jsonl, atomic_write_text, jsonl_text, read_jsonl
-from ssbctl.model.ssb import Batch, SSBModel, build_model
-from ssbctl.paths import open_stores
-from ssbctl.validate import field as require
+from ssbctl.core.io import append_jsonl, atomic_write_text, jsonl_text, read_jsonl
+from ssbctl.data.batch import Batch
+from ssbctl.model.ssb import SSBModel, build_model
+from ssbctl.data.store import open_stores
+from ssbctl.core.validate import field as require
 
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"

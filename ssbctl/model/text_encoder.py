@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from ssbctl.config import TextEncoderConfig
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 
 
 def builtin_models() -> dict[str, Path]:

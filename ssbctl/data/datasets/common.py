@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from ssbctl.data.video import VIDEO_SUFFIXES
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 
 
 @dataclass
