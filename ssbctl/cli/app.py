@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib import metadata
 from typing import Annotated
 
 import typer
 
+from ssbctl import __version__
 from ssbctl.cli import demo, evaluate, index, prepare, retrieve, train
 from ssbctl.core.errors import DataError, TrainingError, UserError
 
@@ -26,19 +26,9 @@ for module in (prepare, train, evaluate, index, retrieve, demo):
     app.command(name, epilog=module.EPILOG)(getattr(module, name))
 
 
-def _version() -> str:
-    """The installed distribution's version (the package's own in a source tree without metadata)."""
-    try:
-        return metadata.version("ssbctl")
-    except metadata.PackageNotFoundError:
-        from ssbctl import __version__
-
-        return __version__
-
-
 def _print_version(value: bool) -> None:
     if value:
-        print(f"ssbctl {_version()}")
+        print(f"ssbctl {__version__}")
         raise typer.Exit(0)
 
 
