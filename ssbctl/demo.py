@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -51,7 +52,7 @@ def run_demo(out: Path, index_dir: Path, spec: ShapesSpec, overrides: list[str],
     check_output(index_dir, "index")
     out.mkdir(parents=True, exist_ok=True)
     mark_kind(out, "demo")
-    stage = progress or (lambda _name: _Null())
+    stage = progress or (lambda _name: nullcontext())
     with stage("generate clips") as update:
         items = dataset_items("shapes", out / "raw", None, spec, update)
     with stage("prepare") as update:
@@ -69,11 +70,3 @@ def run_demo(out: Path, index_dir: Path, spec: ShapesSpec, overrides: list[str],
     queries = loaded.encode_text(list(EXAMPLE_QUERIES))
     hits = dict(zip(EXAMPLE_QUERIES, index.search(queries, k=3)))
     return DemoResult(run_dir, index_dir, metrics, hits)
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -21,9 +21,6 @@ class SplitEmbeddings:
     video: torch.Tensor  # (Nv, D)
     text: torch.Tensor  # (Nc, D)
     caption_video: torch.Tensor  # (Nc,) row of each caption's video
-    video_ids: list[str]
-    video_paths: list[str]
-    captions: list[str]
 
 
 @torch.no_grad()
@@ -40,9 +37,7 @@ def embed_split(model: SSBModel, tokenizer: Any, store: FeatureStore, split: str
     result = SplitEmbeddings(
         video=embed_features(model, features, device),
         text=embed_texts(model, tokenizer, [c["caption"] for c in captions], device),
-        caption_video=torch.tensor([row[c["video_id"]] for c in captions], dtype=torch.long),
-        video_ids=[v["video_id"] for v in videos], video_paths=[v["path"] for v in videos],
-        captions=[c["caption"] for c in captions])
+        caption_video=torch.tensor([row[c["video_id"]] for c in captions], dtype=torch.long))
     model.train(was_training)
     return result
 
