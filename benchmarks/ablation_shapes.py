@@ -22,7 +22,7 @@ from ssbctl.data.datasets.shapes import ShapesSpec
 from ssbctl.data.prepare import dataset_items, prepare_items
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import Sampling
-from ssbctl.engine.run import load_run
+from ssbctl.inference.run import load_run
 from ssbctl.engine.trainer import train
 from ssbctl.evaluation.evaluate import evaluate_split
 

@@ -31,7 +31,7 @@ from ssbctl.data.loader import Collate
 from ssbctl.data.store import StoreWriter
 from ssbctl.data.video import Sampling
 from ssbctl.engine.trainer import METRICS_FILE, Trainer
-from ssbctl.io import read_jsonl
+from ssbctl.core.io import read_jsonl
 
 CONFIGS = {
     # the shapes recipe's model: pixels features, frozen MiniLM-sized text encoder

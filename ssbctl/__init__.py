@@ -4,27 +4,56 @@ Library use (no Typer or rich needed)::
 
     import ssbctl
     run = ssbctl.load("runs/shapes")            # model, tokenizer, recipe of a trained run
-    from ssbctl.losses import infonce_loss
+    index = ssbctl.Index.load("index")          # a saved index of video embeddings
+    from ssbctl.objective.losses import infonce_loss
     from ssbctl.evaluation import retrieval_metrics
 """
 
 from __future__ import annotations
 
-from typing import Any
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers and IDEs
+    from ssbctl.config import load_recipe
+    from ssbctl.inference.run import load_run as load
+    from ssbctl.model import SSBModel
+    from ssbctl.retrieval import Index
+
+__all__ = ["Index", "SSBModel", "__version__", "load", "load_recipe"]
+
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml is the one source."""
+    try:
+        return metadata.version("ssbctl")
+    except metadata.PackageNotFoundError:  # a source tree on sys.path without installed metadata
+        return "0+unknown"
+
+
+__version__ = _version()
 
 
 def __getattr__(name: str) -> Any:
     # Lazy so that `ssbctl --help` does not pay for importing torch and transformers.
     if name == "load":
-        from ssbctl.engine.run import load_run
+        from ssbctl.inference.run import load_run
 
         return load_run
-    if name in ("Index", "SSBModel", "load_recipe"):
-        from ssbctl.config import load_recipe
-        from ssbctl.model import SSBModel
+    if name == "Index":
         from ssbctl.retrieval import Index
 
-        return {"Index": Index, "SSBModel": SSBModel, "load_recipe": load_recipe}[name]
+        return Index
+    if name == "SSBModel":
+        from ssbctl.model import SSBModel
+
+        return SSBModel
+    if name == "load_recipe":
+        from ssbctl.config import load_recipe
+
+        return load_recipe
     raise AttributeError(f"module 'ssbctl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -16,21 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssbctl.errors import UserError
-from ssbctl.paths import find_config
+import tomli_w
+
+from ssbctl.core.device import DEVICES
+from ssbctl.core.errors import UserError
+from ssbctl.core.paths import find_config
 
 MASKS = ("none", "identity", "full", "cross")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def check_device_name(name: str, what: str = "--device") -> str:
-    """``name`` if it is auto, cpu, cuda or cuda:N; else a UserError naming ``what``."""
-    base, _, index = name.partition(":")
-    if name in DEVICES or (base == "cuda" and index.isdigit()):
-        return name
-    raise UserError(f"{what} must be auto, cpu, cuda or cuda:N, got {name!r}")
-
-
 def _choice(default: str, choices: tuple[str, ...]) -> Any:
     return field(default=default, metadata={"choices": choices})
 
@@ -320,28 +312,7 @@ def recipe_from_dict(raw: dict[str, Any], resolve_model: bool = True) -> Recipe:
 
 
 def dump_toml(data: dict[str, Any], header: str = "") -> str:
-    """Write a nested dict of scalars and lists as TOML (enough for resolved recipes)."""
-    lines = [header] if header else []
-
-    def scalar(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(scalar(x) for x in v) + "]"
-        raise TypeError(f"cannot write {type(v).__name__} as TOML")
-
-    def table(prefix: str, node: dict[str, Any]) -> None:
-        plain = {k: v for k, v in node.items() if not isinstance(v, dict)}
-        if prefix and plain:
-            lines.append(f"\n[{prefix}]")
-        lines.extend(f"{k} = {scalar(v)}" for k, v in plain.items())
-        for k, v in node.items():
-            if isinstance(v, dict):
-                table(f"{prefix}.{k}" if prefix else k, v)
-
-    table("", data)
-    return "\n".join(lines).lstrip("\n") + "\n"
+    """A nested dict of scalars and lists as TOML (tomli-w escapes what TOML strings cannot hold
+    raw, such as control characters), under ``header`` (comment lines)."""
+    body = tomli_w.dumps(data)
+    return f"{header}\n{body}" if header else body

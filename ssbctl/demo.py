@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -13,10 +14,10 @@ from ssbctl.data.datasets.shapes import ShapesSpec
 from ssbctl.data.prepare import dataset_items, prepare_items
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import Sampling
-from ssbctl.engine.run import load_run
+from ssbctl.inference.run import load_run
 from ssbctl.engine.trainer import Reporter, train
-from ssbctl.evaluation.evaluate import embed_texts, evaluate_split
-from ssbctl.io import check_output, mark_kind
+from ssbctl.evaluation.evaluate import evaluate_split
+from ssbctl.core.io import check_output, mark_kind
 from ssbctl.retrieval.build import index_store
 
 EXAMPLE_QUERIES = (
@@ -51,7 +52,7 @@ def run_demo(out: Path, index_dir: Path, spec: ShapesSpec, overrides: list[str],
     check_output(index_dir, "index")
     out.mkdir(parents=True, exist_ok=True)
     mark_kind(out, "demo")
-    stage = progress or (lambda _name: _Null())
+    stage = progress or (lambda _name: nullcontext())
     with stage("generate clips") as update:
         items = dataset_items("shapes", out / "raw", None, spec, update)
     with stage("prepare") as update:
@@ -66,14 +67,6 @@ def run_demo(out: Path, index_dir: Path, spec: ShapesSpec, overrides: list[str],
     metrics = evaluate_split(loaded.model, loaded.tokenizer, store, "test", loaded.device)
     index = index_store(loaded, store)
     index.save(index_dir)
-    queries = embed_texts(loaded.model, loaded.tokenizer, list(EXAMPLE_QUERIES), loaded.device)
+    queries = loaded.encode_text(list(EXAMPLE_QUERIES))
     hits = dict(zip(EXAMPLE_QUERIES, index.search(queries, k=3)))
     return DemoResult(run_dir, index_dir, metrics, hits)
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -214,7 +214,7 @@ def random_stores(roots: list[Path], dims: list[int], splits: dict[str, int], ca
 def write_recipe(path: Path, overrides: list[str], recipe: str = "shapes") -> Path:
     """A recipe file equal to the shipped ``recipe`` with ``overrides``, as a user would write it."""
     from ssbctl.config import deep_merge, dump_toml, parse_override, read_toml
-    from ssbctl.paths import find_config
+    from ssbctl.core.paths import find_config
 
     raw = read_toml(find_config("recipes", recipe))
     for item in overrides:

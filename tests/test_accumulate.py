@@ -17,7 +17,8 @@ from ssbctl.data.loader import Collate, PairDataset
 from ssbctl.data.store import FeatureStore
 from ssbctl.engine.accumulate import accumulated_backward
 from ssbctl.engine.trainer import train
-from ssbctl.model.ssb import Batch, build_model
+from ssbctl.data.batch import Batch
+from ssbctl.model.ssb import build_model
 
 
 @pytest.mark.parametrize("mask", ["cross", "identity", "none"])
@@ -56,3 +57,13 @@ def _double(batch: Batch) -> Batch:
 def test_training_with_accumulation_runs(tiny_recipe_args, tmp_path: Path) -> None:
     recipe = load_recipe("shapes", tiny_recipe_args("acc", **{"train.accum_steps": 4, "train.max_steps": 3}))
     assert train(recipe, tmp_path / "acc")["steps"] == 3
+
+
+def test_compile_with_accumulation_warns_that_it_runs_uncompiled(tiny_recipe_args, tmp_path: Path) -> None:
+    """Accumulation calls the module's embed and loss, not the compiled forward: say so, once."""
+    from ssbctl.engine.trainer import Trainer
+
+    recipe = load_recipe("shapes", tiny_recipe_args("acc", **{"train.accum_steps": 2, "train.compile": True}))
+    with pytest.warns(UserWarning, match="train.compile = true has no effect with train.accum_steps > 1"):
+        trainer = Trainer(recipe, tmp_path / "acc")
+    assert trainer.model is trainer.module  # nothing compiled that would never run

@@ -16,7 +16,7 @@ import ssbctl.engine.trainer as trainer_module
 from ssbctl.config import load_recipe
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.engine.trainer import Trainer, train
-from ssbctl.io import read_jsonl
+from ssbctl.core.io import read_jsonl
 
 
 @pytest.fixture

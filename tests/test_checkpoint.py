@@ -8,7 +8,7 @@ import pytest
 import torch.nn as nn
 
 from ssbctl.engine.checkpoint import find_checkpoint, latest_checkpoint, save_checkpoint
-from ssbctl.errors import DataError
+from ssbctl.core.errors import DataError
 
 
 def _run(path: Path, steps: tuple[int, ...] = (2, 4)) -> Path:

@@ -10,8 +10,8 @@ import pytest
 from ssbctl.config import (Recipe, dump_toml, load_model_config, load_recipe, parse_override,
                            recipe_from_dict, to_dict)
 from ssbctl.data.datasets import dataset_spec
-from ssbctl.errors import UserError
-from ssbctl.paths import find_config, shipped_configs
+from ssbctl.core.errors import UserError
+from ssbctl.core.paths import find_config, shipped_configs
 
 
 @pytest.mark.parametrize("name", sorted(shipped_configs("recipes")))
@@ -128,3 +128,10 @@ def test_unknown_recipe_and_model_names_are_user_errors() -> None:
         load_recipe("nope")
     with pytest.raises(UserError, match="unknown model"):
         load_recipe("shapes", ["model.name=\"no-such-model\""])
+
+
+def test_toml_strings_with_control_characters_round_trip() -> None:
+    """A value with a control character (or a newline, a quote, a backslash) is escaped, not
+    written raw, so the recipe a run saves reads back the same."""
+    data = {"train": {"output_dir": "runs/a\x01b\tc\nd\"e\\f\x7f"}, "data": {"experts": ["x\x1fy"]}}
+    assert tomllib.loads(dump_toml(data, "# header\n#   second line")) == data

@@ -17,7 +17,7 @@ from ssbctl.data.datasets.shapes import ShapesSpec, generate
 from ssbctl.data.prepare import prepare_items
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import DecodeError, Sampling, read_frames
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 
 
 def test_shapes_are_real_videos_with_paraphrased_captions(shapes_raw: Path) -> None:

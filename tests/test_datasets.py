@@ -14,7 +14,7 @@ from ssbctl.cli.app import main
 from ssbctl.data.datasets.msrvtt import read_test_pairs
 from ssbctl.data.datasets.msvd import load_plain_pickle
 from ssbctl.data.store import FeatureStore
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import pytest
 from ssbctl.cli.app import main
 from ssbctl.data.decode_pool import DecodePool
 from ssbctl.data.video import DecodeError, Sampling, decode_video, read_decord, read_pyav
-from ssbctl.io import read_jsonl
+from ssbctl.core.io import read_jsonl
 
 SAMPLINGS = [Sampling("uniform", 4), Sampling("uniform", 8), Sampling("fps", 8, 2.0)]
 DECORD_SIZE_BUG = "from_size == to_size"  # decord 0.6.0's failure on some frame widths (16, 24, 48, 72...)
@@ -283,7 +283,7 @@ def test_index_of_a_video_folder_loses_no_valid_video(matrix, shapes_store: Path
                                                       tmp_path: Path, capsys) -> None:
     from conftest import tiny_overrides
     from ssbctl.config import load_recipe
-    from ssbctl.engine.run import load_run
+    from ssbctl.inference.run import load_run
     from ssbctl.engine.trainer import train
     from ssbctl.retrieval.index import Index
 

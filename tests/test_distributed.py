@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from ssbctl.config import load_recipe
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.engine.trainer import train
-from ssbctl.io import read_jsonl
+from ssbctl.core.io import read_jsonl
 from fixtures import children as _children
 from fixtures import communicate_or_reap as _communicate_or_reap
 from fixtures import write_recipe as _write_recipe
@@ -195,7 +195,7 @@ def test_a_signal_to_one_rank_or_to_the_launcher_stops_every_rank_at_one_step(
 # registered first runs last, after every exit handler that setup registered.
 JOIN_AND_EXIT = """
 import atexit, torch.distributed as dist
-from ssbctl.engine.distributed import setup
+from ssbctl.core.distributed import setup
 atexit.register(lambda: print("group alive at exit:", dist.is_initialized(), flush=True))
 setup("cpu")
 dist.barrier()

@@ -21,7 +21,7 @@ import fixtures
 from ssbctl.cli.app import main
 from ssbctl.data.download import Source, download, extract
 from ssbctl.data.store import FeatureStore
-from ssbctl.errors import DataError
+from ssbctl.core.errors import DataError
 
 
 class _Server:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ssbctl.config import LossConfig
-from ssbctl.losses import SSBLoss, caption_loss, infonce_loss, max_margin_loss
+from ssbctl.objective.losses import SSBLoss, caption_loss, infonce_loss, max_margin_loss
 
 
 def _f64(values: object) -> torch.Tensor:

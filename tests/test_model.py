@@ -121,7 +121,7 @@ def test_builtin_minilm_loads_offline() -> None:
 
 
 def test_unreachable_text_model_is_a_user_error() -> None:
-    from ssbctl.errors import UserError
+    from ssbctl.core.errors import UserError
     from ssbctl.model.text_encoder import load_text_backbone
 
     with pytest.raises(UserError, match="cannot load text model"):

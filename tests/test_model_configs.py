@@ -13,7 +13,7 @@ import fixtures
 from ssbctl.config import LossConfig, load_model_config
 from ssbctl.data.loader import Collate
 from ssbctl.model.ssb import build_model
-from ssbctl.paths import shipped_configs
+from ssbctl.core.paths import shipped_configs
 
 FAMILY = {"t5": "t5", "clip": "clip"}
 CAPTIONS = ["a red circle moves to the left", "a big blue box spins", "a person cooks", "a man cooks"]

@@ -69,7 +69,7 @@ def test_weights_that_became_nonfinite_are_never_saved(tiny_recipe_args, tmp_pat
     """A step whose loss is finite can still leave NaN weights (a NaN gradient): the checkpoint is refused."""
     from ssbctl.config import load_recipe
     from ssbctl.engine.trainer import Trainer
-    from ssbctl.errors import TrainingError
+    from ssbctl.core.errors import TrainingError
 
     trainer = Trainer(load_recipe("shapes", tiny_recipe_args("run", **{"train.max_steps": 1})), tmp_path / "run")
     with torch.no_grad():
@@ -149,7 +149,7 @@ def broken_run(shapes_store: Path, tiny_text_model: Path, tmp_path_factory: pyte
     from conftest import tiny_overrides
     from ssbctl.config import load_recipe
     from ssbctl.data.store import FeatureStore
-    from ssbctl.engine.run import load_run
+    from ssbctl.inference.run import load_run
     from ssbctl.engine.trainer import train
     from ssbctl.retrieval.build import index_store
 

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import tiny_overrides
 from ssbctl.cli.app import main
-from ssbctl import io as ssbctl_io
+from ssbctl.core import io as ssbctl_io
 from fixtures import write_recipe as _write_recipe
 
 PREP = ["--pixel-size", "8", "--frames", "4", "--workers", "0"]
@@ -165,7 +165,7 @@ def test_demo_into_a_folder_of_other_content_changes_nothing(tmp_path: Path, cap
 _HOLDER = """
 import sys
 from pathlib import Path
-from ssbctl.io import output_lock
+from ssbctl.core.io import output_lock
 with output_lock(Path(sys.argv[1]), sys.argv[2]):
     print("held", flush=True)
     sys.stdin.read()
@@ -232,7 +232,7 @@ def test_lock_of_a_killed_holder_is_taken_over(my_clips: Path, tmp_path: Path) -
 
 
 def test_lock_file_naming_a_dead_pid_is_taken_over(tmp_path: Path) -> None:
-    from ssbctl.io import output_lock
+    from ssbctl.core.io import output_lock
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -244,8 +244,8 @@ def test_lock_file_naming_a_dead_pid_is_taken_over(tmp_path: Path) -> None:
 
 
 def test_lock_of_another_host_is_not_taken_over(tmp_path: Path) -> None:
-    from ssbctl.errors import UserError
-    from ssbctl.io import output_lock
+    from ssbctl.core.errors import UserError
+    from ssbctl.core.io import output_lock
 
     target = tmp_path / "out"
     ssbctl_io.lock_path(target).write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "since": 0}))

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_library_imports_without_typer_or_rich() -> None:
-    code = ("import sys, ssbctl.model, ssbctl.losses, ssbctl.evaluation, ssbctl.retrieval.index; "
+    code = ("import sys, ssbctl.model, ssbctl.objective.losses, ssbctl.evaluation, ssbctl.retrieval.index; "
             "bad = [m for m in ('typer', 'rich') if m in sys.modules]; assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -67,3 +67,16 @@ def test_every_imported_package_is_declared_and_bounded() -> None:
         assert dists & declared.keys(), f"ssbctl imports {module!r} but pyproject.toml declares none of {dists}"
     for name, spec in declared.items():
         assert ">=" in spec and "<" in spec.replace("<=", ""), f"{name}{spec}: give it a lower and an upper bound"
+
+
+def test_public_api_is_listed_lazy_and_versioned() -> None:
+    """``ssbctl.__all__`` names what ``dir(ssbctl)`` shows and what resolves; ``import ssbctl`` alone
+    stays light (no torch); the version is the installed distribution's (one source)."""
+    code = ("import sys, ssbctl; assert 'torch' not in sys.modules, 'import ssbctl loaded torch'; "
+            "assert set(ssbctl.__all__) <= set(dir(ssbctl)), dir(ssbctl); "
+            "[getattr(ssbctl, n) for n in ssbctl.__all__]; "
+            "from ssbctl.inference.run import load_run; from ssbctl.retrieval.index import Index; "
+            "assert ssbctl.load is load_run and ssbctl.Index is Index; print(ssbctl.__version__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == metadata.version("ssbctl")

@@ -19,7 +19,7 @@ from ssbctl.data.datasets import read_custom
 from ssbctl.data.prepare import PrepareOptions, prepare, prepare_items, work_root
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import Sampling
-from ssbctl.errors import DataError, UserError
+from ssbctl.core.errors import DataError, UserError
 
 SAMPLING = Sampling(num_frames=4)
 

@@ -21,8 +21,8 @@ import torch
 import fixtures
 from ssbctl.config import Recipe, load_recipe
 from ssbctl.engine.checkpoint import latest_checkpoint
-from ssbctl.io import read_jsonl
-from ssbctl.paths import shipped_configs
+from ssbctl.core.io import read_jsonl
+from ssbctl.core.paths import shipped_configs
 
 RECIPES = sorted(shipped_configs("recipes"))
 TESTS = Path(__file__).resolve().parent
@@ -44,7 +44,7 @@ WORKER = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from fixtures import train_recording_gradients
-from ssbctl.engine.distributed import teardown
+from ssbctl.core.distributed import teardown
 for job in json.loads(open(sys.argv[2]).read()):
     train_recording_gradients(**job)
 teardown()

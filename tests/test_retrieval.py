@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 from ssbctl.retrieval.index import Index, topk_search
 
 

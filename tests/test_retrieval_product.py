@@ -15,7 +15,7 @@ import ssbctl
 from ssbctl.cli.app import main
 from ssbctl.config import load_recipe
 from ssbctl.data.store import FeatureStore
-from ssbctl.engine.run import load_run
+from ssbctl.inference.run import load_run
 from ssbctl.engine.trainer import train
 from ssbctl.retrieval.build import index_store
 from ssbctl.retrieval.index import Index

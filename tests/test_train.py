@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from ssbctl.config import load_recipe
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.engine.trainer import SilentReporter, Trainer, lr_factor, train
-from ssbctl.errors import UserError
-from ssbctl.io import read_jsonl
+from ssbctl.core.errors import UserError
+from ssbctl.core.io import read_jsonl
 from fixtures import write_recipe as _write_recipe
 
 
@@ -151,7 +151,7 @@ def test_two_experts_train_and_evaluate(shapes_raw: Path, tiny_vit: Path, tiny_r
     recipe = load_recipe("shapes", [*args, f'data.prepared="{main_store}"', f'data.experts=["{vit_store}"]'])
     summary = train(recipe, tmp_path / "run")
     assert summary["steps"] == 3
-    from ssbctl.engine.run import load_run
+    from ssbctl.inference.run import load_run
 
     run = load_run(tmp_path / "run")
     assert run.recipe.model.video.input_dims == (192, 16) and len(run.model.video.inputs) == 2
@@ -162,7 +162,7 @@ def test_two_experts_train_and_evaluate(shapes_raw: Path, tiny_vit: Path, tiny_r
 def test_nonfinite_batches_are_skipped_counted_and_abort_when_persistent(tiny_recipe_args, tmp_path: Path) -> None:
     """lr=1e30: step 1 is finite and leaves weights every later loss is NaN on; the batches after it
     are skipped until train.max_nonfinite in a row fail the run, before the epoch's checkpoint."""
-    from ssbctl.errors import TrainingError
+    from ssbctl.core.errors import TrainingError
 
     reporter = _Notes()
     recipe = load_recipe("shapes", tiny_recipe_args("nan", **{"train.lr": 1e30, "train.max_nonfinite": 2}))

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib import metadata
 from typing import Annotated
 
 import typer
 
+from ssbctl import __version__
 from ssbctl.cli import demo, evaluate, index, prepare, retrieve, train
-from ssbctl.errors import DataError, TrainingError, UserError
+from ssbctl.core.errors import DataError, TrainingError, UserError
 
 app = typer.Typer(name="ssbctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Support-Set Bottlenecks for video-text retrieval: prepare, train, evaluate, retrieve.")
@@ -26,19 +26,9 @@ for module in (prepare, train, evaluate, index, retrieve, demo):
     app.command(name, epilog=module.EPILOG)(getattr(module, name))
 
 
-def _version() -> str:
-    """The installed distribution's version (the package's own in a source tree without metadata)."""
-    try:
-        return metadata.version("ssbctl")
-    except metadata.PackageNotFoundError:
-        from ssbctl import __version__
-
-        return __version__
-
-
 def _print_version(value: bool) -> None:
     if value:
-        print(f"ssbctl {_version()}")
+        print(f"ssbctl {__version__}")
         raise typer.Exit(0)
 
 
@@ -99,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(code: int, line: str) -> int:
     """Print the error line (under ``train --nproc``, hand it to the launcher instead) and return ``code``."""
-    from ssbctl.engine.torchrun import write_worker_error
+    from ssbctl.cli.torchrun import write_worker_error
 
     line = " ".join(line.splitlines())  # one line, whatever the message holds
     if not write_worker_error(code, line):

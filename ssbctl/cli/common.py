@@ -19,7 +19,7 @@ out = Console(soft_wrap=True)  # results
 
 def check_device(value: str) -> str:
     """Checks --device while the command line is parsed, before any work (UserError: one line, exit 2)."""
-    from ssbctl.config import check_device_name
+    from ssbctl.core.device import check_device_name
 
     return check_device_name(value)
 
@@ -29,7 +29,7 @@ def at_least(low: int, option: str) -> Callable[[int], int]:
 
     def check(value: int) -> int:
         if value < low:
-            from ssbctl.errors import UserError
+            from ssbctl.core.errors import UserError
 
             raise UserError(f"{option} must be at least {low}, got {value}")
         return value

@@ -29,8 +29,8 @@ def demo(
     """Generate shapes clips, prepare, train, evaluate on test, build the default index, run example queries."""
     from ssbctl.data.datasets.shapes import ShapesSpec
     from ssbctl.demo import run_demo
-    from ssbctl.io import output_lock
-    from ssbctl.paths import default_index, home
+    from ssbctl.core.io import output_lock
+    from ssbctl.core.paths import default_index, home
 
     folder, index_dir = (output or home() / "demo").resolve(), default_index()
     with output_lock(folder), output_lock(index_dir):

@@ -28,9 +28,10 @@ def evaluate(
     """R@1/5/10, median and mean rank, text-to-video and video-to-text (ties count against the model)."""
     from rich.markup import escape
 
-    from ssbctl.engine.run import check_store_fits, load_run
+    from ssbctl.engine.run import check_store_fits
+    from ssbctl.inference.run import load_run
     from ssbctl.evaluation.evaluate import evaluate_split
-    from ssbctl.paths import open_stores
+    from ssbctl.data.store import open_stores
 
     loaded = load_run(run, checkpoint, device)
     store = open_stores(data or loaded.recipe.data.prepared, loaded.recipe.data.experts)

@@ -37,8 +37,8 @@ def index(
     """Build an index folder: normalised video embeddings, ids and source paths."""
     from rich.markup import escape
 
-    from ssbctl.io import check_output, output_lock
-    from ssbctl.paths import default_index
+    from ssbctl.core.io import check_output, output_lock
+    from ssbctl.core.paths import default_index
 
     target = output or default_index()
     with output_lock(target):
@@ -58,10 +58,11 @@ def _build(run: Path, data: str | None, videos: Path | None, half: bool, workers
     from rich.markup import escape
 
     from ssbctl.cli.common import err, progress_bar
-    from ssbctl.engine.run import check_store_fits, load_run
-    from ssbctl.errors import UserError
-    from ssbctl.io import check_output
-    from ssbctl.paths import open_stores
+    from ssbctl.engine.run import check_store_fits
+    from ssbctl.inference.run import load_run
+    from ssbctl.core.errors import UserError
+    from ssbctl.core.io import check_output
+    from ssbctl.data.store import open_stores
     from ssbctl.retrieval.build import index_store
     from ssbctl.retrieval.videos import index_videos
 
@@ -83,7 +84,7 @@ def _build(run: Path, data: str | None, videos: Path | None, half: bool, workers
         summary = {"index": str(target), "videos": len(built.videos), "embedded": len(built.videos), "reused": 0,
                    "failed": []}
     if faiss:
-        from ssbctl.io import atomic_write_json
+        from ssbctl.core.io import atomic_write_json
         from ssbctl.retrieval.ann import build_ann
         from ssbctl.retrieval.index import Index
 

@@ -26,7 +26,7 @@ EPILOG = """Examples:
 
 def _shard(value: str | None) -> tuple[int, int]:
     from ssbctl.data.prepare import shard_from_env
-    from ssbctl.errors import UserError
+    from ssbctl.core.errors import UserError
 
     if value is None:
         return shard_from_env()
@@ -41,7 +41,7 @@ def _positive_fps(value: float) -> float:
     """--fps must be a positive, finite number (0 would sample no frame at all)."""
     import math
 
-    from ssbctl.errors import UserError
+    from ssbctl.core.errors import UserError
 
     if not math.isfinite(value) or value <= 0:
         raise UserError(f"--fps must be a positive number, got {value}")
@@ -99,9 +99,9 @@ def prepare(
     from ssbctl.data.prepare import PrepareOptions, dataset_items, imported_items
     from ssbctl.data.prepare import prepare as run_prepare
     from ssbctl.data.video import Sampling
-    from ssbctl.errors import UserError
-    from ssbctl.io import check_output, output_lock
-    from ssbctl.paths import home
+    from ssbctl.core.errors import UserError
+    from ssbctl.core.io import check_output, output_lock
+    from ssbctl.core.paths import home
 
     sha256 = check_download_options(download, urls, sha256)
     if max_extract_bytes is not None and not download:

@@ -30,7 +30,7 @@ EPILOG = """Examples:
 
 def _lines(path: Path) -> list[str]:
     """Non-blank lines of a UTF-8 text file (``-``: stdin), stripped."""
-    from ssbctl.errors import UserError
+    from ssbctl.core.errors import UserError
 
     if str(path) == "-":
         text = sys.stdin.read()
@@ -46,7 +46,7 @@ def _lines(path: Path) -> list[str]:
 
 def _check_output(option: str, path: Path | None) -> None:
     """An output picture must be a file path (checked before any work is done)."""
-    from ssbctl.errors import UserError
+    from ssbctl.core.errors import UserError
 
     if path is not None and (path.is_dir() or path.parent.exists() and not path.parent.is_dir()):
         raise UserError(f"{option} {path}: expected a PNG file path, not a folder")
@@ -83,7 +83,7 @@ def retrieve(
     as_json: JsonOption = False,
 ) -> None:
     """Search an index by text or by video (the demo's index when none is named)."""
-    from ssbctl.errors import UserError
+    from ssbctl.core.errors import UserError
     from ssbctl.retrieval.search import Searcher
 
     if k < 1:

@@ -40,10 +40,11 @@ def train(
     train.batch_size is the global batch (the support set and the negatives); each of N processes takes 1/N of it."""
     from rich.markup import escape
 
-    from ssbctl.engine.distributed import DistInfo
-    from ssbctl.engine.train_setup import launch_torchrun, preflight, resolve_recipe
+    from ssbctl.core.distributed import DistInfo
+    from ssbctl.cli.torchrun import launch_torchrun
+    from ssbctl.engine.train_setup import preflight, resolve_recipe
     from ssbctl.engine.trainer import train as run_training
-    from ssbctl.io import check_output, lock_env, output_lock
+    from ssbctl.core.io import check_output, lock_env, output_lock
 
     resolved, run_dir = resolve_recipe(recipe, overrides or [], output, resume)
     if not resume:

@@ -7,29 +7,15 @@ through ``transformers``) register here the same way.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssbctl.errors import UserError
-
-
-class Backbone(ABC):
-    """Maps uint8 frames ``(T, H, W, 3)`` to float32 features ``(T, dim)``."""
-
-    name: str
-    dim: int
-
-    @abstractmethod
-    def options(self) -> dict[str, Any]:
-        """Everything needed to rebuild this backbone (written to the manifest)."""
-
-    @abstractmethod
-    def encode(self, frames: np.ndarray) -> torch.Tensor:
-        """Features of each frame, ``(T, dim)`` float32 on the CPU."""
+from ssbctl.core.errors import UserError
+from ssbctl.data.backbone import Backbone
+from ssbctl.data.hf_backbones import clip_backbone, hf_backbone
 
 
 class PixelsBackbone(Backbone):
@@ -53,19 +39,7 @@ class PixelsBackbone(Backbone):
         return (x / 127.5 - 1.0).flatten(1)  # (T, 3*size*size)
 
 
-def _clip(**options: Any) -> Backbone:
-    from ssbctl.data.hf_backbones import clip_backbone
-
-    return clip_backbone(**options)
-
-
-def _hf(**options: Any) -> Backbone:
-    from ssbctl.data.hf_backbones import hf_backbone
-
-    return hf_backbone(**options)
-
-
-BACKBONES: dict[str, Callable[..., Backbone]] = {"pixels": PixelsBackbone, "clip": _clip, "hf": _hf}
+BACKBONES: dict[str, Callable[..., Backbone]] = {"pixels": PixelsBackbone, "clip": clip_backbone, "hf": hf_backbone}
 
 
 def build_backbone(name: str, **options: Any) -> Backbone:

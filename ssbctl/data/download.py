@@ -23,8 +23,8 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from ssbctl.data.extract import ExtractLimits, extract
-from ssbctl.errors import DataError, UserError
-from ssbctl.io import atomic_write_bytes
+from ssbctl.core.errors import DataError, UserError
+from ssbctl.core.io import atomic_write_bytes
 
 __all__ = ["Source", "SOURCES", "check_download_options", "download", "extract", "fetch_dataset", "file_name",
            "normalize_sha256", "sha256_of", "sources_for"]

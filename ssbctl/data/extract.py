@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Iterator
 
-from ssbctl.errors import DataError, UserError
-from ssbctl.io import fresh_dir
+from ssbctl.core.errors import DataError, UserError
+from ssbctl.core.io import fresh_dir
 
 GiB = 1 << 30
 CHUNK = 1 << 20

@@ -7,14 +7,14 @@ On CUDA the model runs under bf16 autocast; features are returned as float32 on 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ssbctl.data.backbones import Backbone
-from ssbctl.errors import UserError
+from ssbctl.core.device import resolve_device
+from ssbctl.core.hf import load_pretrained
+from ssbctl.data.backbone import Backbone
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
@@ -27,17 +27,15 @@ class HFImageBackbone(Backbone):
         import transformers
 
         self.name, self.model_id, self.batch_size = kind, model, batch_size
-        local = Path(model).is_dir()
-        transformers.utils.logging.disable_progress_bar()
-        try:
+
+        def load(local: bool) -> tuple[Any, Any]:
             config = transformers.AutoConfig.from_pretrained(model, local_files_only=local)
-            self.model = self._model_class(config).from_pretrained(model, local_files_only=local).eval()
-            self.processor = transformers.AutoImageProcessor.from_pretrained(model, local_files_only=local)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load image model '{model}': {str(exc).splitlines()[0]}") from None
+            return (self._model_class(config).from_pretrained(model, local_files_only=local).eval(),
+                    transformers.AutoImageProcessor.from_pretrained(model, local_files_only=local))
+
+        self.model, self.processor = load_pretrained("image model", model, model, load)
         self.model.requires_grad_(False)
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
+        self.device = resolve_device(device)
         self.model.to(self.device)
         self.dim = int(self.encode(np.zeros((1, 32, 32, 3), np.uint8)).shape[1])
 

@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ssbctl.data.store import FeatureStore
-from ssbctl.errors import DataError, UserError
-from ssbctl.model.ssb import Batch
+from ssbctl.core.errors import DataError, UserError
+from ssbctl.data.batch import Batch
 
 
 def split_pairs(store: FeatureStore, split: str) -> list[tuple[int, str]]:

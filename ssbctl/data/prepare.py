@@ -32,15 +32,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ssbctl.data.backbones import Backbone
+from ssbctl.data.backbone import Backbone
 from ssbctl.data.datasets import DatasetOptions, Protocol, VideoItem, dataset_spec
 from ssbctl.data.datasets.shapes import ShapesSpec, generate
 from ssbctl.data.decode_pool import DecodePool, load_features_file
 from ssbctl.data.store import StoreWriter
 from ssbctl.data.video import DecodeError, Decoded, Sampling
-from ssbctl.errors import DataError, UserError
-from ssbctl.io import append_jsonl, atomic_write_json, check_output, read_jsonl
-from ssbctl.paths import home
+from ssbctl.core.errors import DataError, UserError
+from ssbctl.core.io import append_jsonl, atomic_write_json, check_output, read_jsonl
+from ssbctl.core.paths import home
 
 Progress = Callable[[int, int], None]
 

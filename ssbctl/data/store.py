@@ -11,7 +11,7 @@ Layout (``FORMAT_VERSION`` 1)::
 
 The writer builds everything in a hidden sibling folder and renames it into place at the end,
 so a prepare that dies leaves either the previous store or none, never a half-written one. It
-replaces only an earlier store (see :func:`ssbctl.io.check_output`), never other files.
+replaces only an earlier store (see :func:`ssbctl.core.io.check_output`), never other files.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ssbctl.data.backbones import Backbone
+from ssbctl.data.backbone import Backbone
 from ssbctl.data.video import Sampling
-from ssbctl.errors import DataError, UserError
-from ssbctl.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, read_jsonl,
+from ssbctl.core.errors import DataError, UserError
+from ssbctl.core.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, read_jsonl,
                        replace_dir)
-from ssbctl.validate import check_rows, field, open_tensors, read_json
+from ssbctl.core.validate import check_rows, field, open_tensors, read_json
+from ssbctl.core.paths import resolve_prepared
 
 FORMAT_VERSION = 1
 VIDEO_FIELDS = {"video_id": str, "split": str, "path": str, "num_frames": int, "shard": int}
@@ -238,3 +239,8 @@ class ExpertStores(FeatureStore):
             rows = {v["video_id"]: v for v in other.videos}
             out.append(other.load_features([rows[v["video_id"]] for v in videos]))
         return out
+
+
+def open_stores(prepared: str, experts: tuple[str, ...] = ()) -> ExpertStores:
+    """The prepared data a recipe names: its main store plus any extra experts."""
+    return ExpertStores([resolve_prepared(p) for p in (prepared, *experts)])

@@ -10,6 +10,7 @@ Both give RGB ``uint8`` ``(T, H, W, 3)``; :class:`Decoded` says which one produc
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 DECODERS = ("decord", "pyav")  # tried in this order
+THUMB_SIZE = 96
 
 
 class DecodeError(Exception):
@@ -194,3 +196,14 @@ def decode_video(path: Path, sampling: Sampling, decoders: tuple[str, ...] = DEC
 def read_frames(path: Path, sampling: Sampling) -> np.ndarray:
     """Decode the sampled frames of ``path`` as uint8 ``(T, H, W, 3)``; raise DecodeError."""
     return decode_video(path, sampling).frames
+
+
+def thumbnail_png(frame: np.ndarray, size: int = THUMB_SIZE) -> bytes:
+    """A frame shrunk to fit ``size`` x ``size``, as PNG bytes."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(frame))
+    image.thumbnail((size, size))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

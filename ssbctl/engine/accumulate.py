@@ -16,17 +16,9 @@ from typing import Any, Callable
 
 import torch
 
-from ssbctl.model.ssb import Batch, SSBModel
-
-
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
+from ssbctl.data.batch import Batch
+from ssbctl.engine.rng import rng_states, set_rng_states
+from ssbctl.model.ssb import SSBModel
 
 
 def accumulated_backward(model: SSBModel, batch: Batch, micro_batches: int,
@@ -41,12 +33,12 @@ def accumulated_backward(model: SSBModel, batch: Batch, micro_batches: int,
     states, videos, texts = [], [], []
     with torch.no_grad():
         for lo, hi in bounds:
-            states.append(_rng_state(device))
+            states.append(rng_states(device))
             with autocast():
                 v, t = model.embed(batch.slice(lo, hi))
             videos.append(v)
             texts.append(t)
-    after = _rng_state(device)
+    after = rng_states(device)
     video = torch.cat(videos).detach().requires_grad_(True)  # (B, D) leaves
     text = torch.cat(texts).detach().requires_grad_(True)
     with autocast():
@@ -54,9 +46,9 @@ def accumulated_backward(model: SSBModel, batch: Batch, micro_batches: int,
     scale(terms["loss"]).backward()
     assert video.grad is not None and text.grad is not None  # leaves that the loss used
     for (lo, hi), state in zip(bounds, states):
-        _set_rng_state(state, device)
+        set_rng_states(state)
         with autocast():
             v, t = model.embed(batch.slice(lo, hi))
         torch.autograd.backward([v, t], [video.grad[lo:hi], text.grad[lo:hi]])
-    _set_rng_state(after, device)
+    set_rng_states(after)
     return terms

@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
-from ssbctl.errors import DataError, UserError
-from ssbctl.io import atomic_write_json, atomic_write_text, fresh_dir, replace_dir
-from ssbctl.validate import field, read_json
+from ssbctl.core.errors import DataError, UserError
+from ssbctl.core.io import atomic_write_json, atomic_write_text, fresh_dir, replace_dir
+from ssbctl.core.validate import field, read_json
 
 CHECKPOINTS = "checkpoints"
 NAME = re.compile(r"step-[0-9]{8,}")  # what save_checkpoint names a checkpoint

@@ -1,4 +1,5 @@
-"""A run folder: its resolved recipe, its text-model description, and loading a trained model.
+"""A run folder's files: its resolved recipe, its text-model description, its experts; building
+the run's architecture (loading its weights is :func:`ssbctl.inference.load_run`).
 
 ``RUN/recipe.toml`` is the complete recipe the run trained with (model config resolved, decoder
 vocabulary size and input dims filled in); ``RUN/text_encoder/`` holds the tokenizer and the
@@ -8,19 +9,16 @@ the network and without the original pretrained files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 
-from ssbctl.config import Recipe, check_device_name, dump_toml, read_toml, recipe_from_dict, to_dict
-from ssbctl.engine.checkpoint import find_checkpoint, load_weights
-from ssbctl.errors import DataError, UserError
-from ssbctl.io import atomic_write_json, atomic_write_text, check_output, fresh_dir, mark_kind, replace_dir
+from ssbctl.config import Recipe, dump_toml, read_toml, recipe_from_dict, to_dict
+from ssbctl.core.errors import DataError, UserError
+from ssbctl.core.io import atomic_write_json, atomic_write_text, check_output, fresh_dir, mark_kind, replace_dir
 from ssbctl.model.ssb import SSBModel
 from ssbctl.model.text_encoder import text_backbone_from_folder
-from ssbctl.validate import field, read_json
+from ssbctl.core.validate import field, read_json
 
 if TYPE_CHECKING:
     from ssbctl.data.store import ExpertStores
@@ -28,16 +26,6 @@ if TYPE_CHECKING:
 RECIPE_FILE = "recipe.toml"
 TEXT_DIR = "text_encoder"
 EXPERTS_FILE = "experts.json"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without it, or another device, is a user error."""
-    check_device_name(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but CUDA is not available")
-    return torch.device(name)
 
 
 def write_run_files(run_dir: Path, recipe: Recipe, tokenizer: Any, text_config: Any,
@@ -81,49 +69,6 @@ def build_run_model(run_dir: Path, recipe: Recipe) -> tuple[SSBModel, Any]:
     except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception for a damaged file
         raise DataError(f"{folder} is damaged: {str(exc).strip().splitlines()[0][:200]}") from None
     return SSBModel(recipe.model, recipe.loss, backbone, len(tokenizer)), tokenizer
-
-
-@dataclass
-class LoadedRun:
-    """A trained model ready to embed videos and text."""
-
-    run_dir: Path
-    recipe: Recipe
-    model: SSBModel
-    tokenizer: Any
-    checkpoint: Path
-    device: torch.device
-
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Normalised embeddings ``(N, D)`` of texts."""
-        from ssbctl.evaluation.evaluate import embed_texts
-
-        return embed_texts(self.model, self.tokenizer, list(texts), self.device)
-
-    def encode_video(self, paths: list[str | Path]) -> torch.Tensor:
-        """Normalised embeddings ``(N, D)`` of video files (decoded and featurised as in training)."""
-        from ssbctl.retrieval.videos import VideoEmbedder
-
-        embedder = VideoEmbedder(self, workers=0)
-        feats = []
-        for i, f, reason, _ in embedder.features([Path(p) for p in paths]):
-            if f is None:
-                raise UserError(f"cannot read video {paths[i]}: {reason}")
-            feats.append(f)
-        return embedder.embed(feats)
-
-
-def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str = "auto") -> LoadedRun:
-    """Load a run's model from its latest (or a named) checkpoint, in eval mode."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder not found: {run_dir}")
-    recipe = read_run_recipe(run_dir)
-    ckpt = find_checkpoint(run_dir, checkpoint)
-    model, tokenizer = build_run_model(run_dir, recipe)
-    load_weights(model, ckpt)
-    dev = resolve_device(device)
-    return LoadedRun(run_dir, recipe, model.to(dev).eval(), tokenizer, ckpt, dev)
 
 
 def read_expert_specs(run_dir: Path) -> list[dict[str, Any]]:

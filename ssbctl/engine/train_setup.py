@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from ssbctl.config import Recipe, deep_merge, load_recipe, parse_override, recipe_from_dict, to_dict
+from ssbctl.core.errors import UserError
 from ssbctl.engine.run import read_run_recipe
-from ssbctl.errors import UserError
 
 
 def resolve_recipe(recipe: str | None, overrides: list[str], output: Path | None,
@@ -55,9 +51,9 @@ def preflight(recipe: Recipe, run_dir: Path, resume: bool, world: int) -> None:
     ``world`` workers (each would otherwise fail alike): the prepared data, its training split and
     whether ``world`` processes can share its global batch, and whether the run folder has a
     checkpoint to resume (or none to clobber)."""
+    from ssbctl.data.store import open_stores
     from ssbctl.engine.checkpoint import latest_checkpoint
     from ssbctl.engine.trainer import check_training_batch
-    from ssbctl.paths import open_stores
 
     store = open_stores(recipe.data.prepared, recipe.data.experts)
     store.split_videos(recipe.data.train_split)
@@ -68,51 +64,3 @@ def preflight(recipe: Recipe, run_dir: Path, resume: bool, world: int) -> None:
         raise UserError(f"nothing to resume: {run_dir} has no checkpoint")
     if not resume and found is not None:
         raise UserError(f"{run_dir} already has checkpoints; pass --resume to continue it or choose another --out")
-
-
-def launch_torchrun(nproc: int, argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
-    """Run this same ``ssbctl train`` command under ``torchrun --standalone`` with ``nproc`` workers
-    (``env``: variables to add to theirs); a worker's error is reported once (ssbctl.engine.torchrun)."""
-    if "WORLD_SIZE" in os.environ:
-        raise UserError("--nproc is for launching; under torchrun already, drop it")
-    args = list(sys.argv[1:] if argv is None else argv)
-    cleaned, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            cleaned.append(a)
-    cmd = [sys.executable, "-m", "ssbctl.engine.torchrun", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ssbctl", *cleaned]
-    # Its own session: a Ctrl-C reaches the workers once, through the forwarding below.
-    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **(env or {})})
-
-    def forward(signum: int, _frame: object) -> None:
-        _signal_workers(proc.pid, signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _signal_workers(launcher_pid: int, signum: int) -> None:
-    """Send ``signum`` to torchrun's workers, which checkpoint and exit 0, so torchrun exits 0.
-
-    Signalling torchrun itself would also stop them, but torchrun then exits 1 with a
-    traceback. Before the workers exist (or without Linux's /proc) torchrun gets the signal."""
-    workers: list[int] = []
-    for children in Path(f"/proc/{launcher_pid}/task").glob("*/children"):
-        try:
-            workers += [int(pid) for pid in children.read_text().split()]
-        except OSError:
-            continue
-    for pid in workers or [launcher_pid]:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass

@@ -26,16 +26,18 @@ from ssbctl.data.loader import (Collate, EpochBatchSampler, PairDataset, check_f
                                 split_pairs)
 from ssbctl.data.store import FeatureStore
 from ssbctl.engine.accumulate import accumulated_backward
+from ssbctl.engine.rng import rng_states, set_rng_states
 from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, remap_optimizer_state,
                                       save_checkpoint)
-from ssbctl.engine.distributed import any_rank, average_gradients, barrier, gather_objects, in_group, setup, teardown
+from ssbctl.core.distributed import any_rank, average_gradients, barrier, gather_objects, in_group, setup, teardown
 from ssbctl.engine.run import build_run_model, check_store_fits, read_run_recipe, write_recipe, write_run_files
-from ssbctl.errors import DataError, TrainingError, UserError
+from ssbctl.core.errors import DataError, TrainingError, UserError
 from ssbctl.evaluation.evaluate import evaluate_split
-from ssbctl.io import append_jsonl, atomic_write_text, jsonl_text, read_jsonl
-from ssbctl.model.ssb import Batch, SSBModel, build_model
-from ssbctl.paths import open_stores
-from ssbctl.validate import field as require
+from ssbctl.core.io import append_jsonl, atomic_write_text, jsonl_text, read_jsonl
+from ssbctl.data.batch import Batch
+from ssbctl.model.ssb import SSBModel, build_model
+from ssbctl.data.store import open_stores
+from ssbctl.core.validate import field as require
 
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
@@ -122,19 +124,9 @@ def check_training_batch(recipe: Recipe, store: FeatureStore, world: int) -> Non
                         f"batch per process), got {recipe.train.accum_steps}")
 
 
-def rng_states() -> dict[str, Any]:
-    """Every RNG state training depends on."""
-    states: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+COMPILE_UNUSED = ("train.compile = true has no effect with train.accum_steps > 1: gradient accumulation "
+                  "runs the encoders outside the compiled forward, so training runs uncompiled")
 
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what :func:`rng_states` saved."""
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class Trainer:
@@ -201,6 +193,9 @@ class Trainer:
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        if self.cfg.compile and self.cfg.accum_steps > 1:
+            warnings.warn(COMPILE_UNUSED, stacklevel=2)
+            return model  # accumulation calls the module's embed and loss itself, never this forward
         # torch.compile's stubs promise a callable; given a Module it returns one (OptimizedModule).
         return torch.compile(model) if self.cfg.compile else model  # type: ignore[return-value]
 

@@ -1,5 +1,5 @@
 """The SSB model: video encoder, text encoder, support-set bottleneck and caption decoder."""
 
-from ssbctl.model.ssb import Batch, SSBModel
+from ssbctl.model.ssb import SSBModel
 
-__all__ = ["Batch", "SSBModel"]
+__all__ = ["SSBModel"]

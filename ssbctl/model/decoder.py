@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ssbctl.config import DecoderConfig
-from ssbctl.losses import IGNORE_INDEX
+from ssbctl.objective.losses import IGNORE_INDEX
 
 UNK, BOS = 0, 1  # decoder-vocabulary ids reserved before the tokenizer's tokens
 

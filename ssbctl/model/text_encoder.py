@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from ssbctl.config import TextEncoderConfig
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
+from ssbctl.core.hf import load_pretrained
 
 
 def builtin_models() -> dict[str, Path]:
@@ -46,17 +47,15 @@ def load_text_backbone(name: str) -> tuple[nn.Module, Any]:
     """Pretrained weights and tokenizer through ``from_pretrained``; a clear error when unreachable."""
     import transformers
 
-    source = resolve_source(name)
-    local = Path(source).is_dir()
-    transformers.utils.logging.disable_progress_bar()
-    try:
+    def load(local: bool) -> tuple[nn.Module, Any]:
         config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
         if getattr(config, "model_type", "") == "clip":
             config = config.text_config
         model = _model_class(config).from_pretrained(source, config=config, local_files_only=local)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load text model '{name}': {str(exc).splitlines()[0]}") from None
+        return model, transformers.AutoTokenizer.from_pretrained(source, local_files_only=local)
+
+    source = resolve_source(name)
+    model, tokenizer = load_pretrained("text model", name, source, load)
     return model, tokenizer
 
 

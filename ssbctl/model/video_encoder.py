@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from ssbctl.config import VideoEncoderConfig
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 
 
 class VideoEncoder(nn.Module):

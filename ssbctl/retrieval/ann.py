@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 
 FAISS_FILE = "faiss.index"
 

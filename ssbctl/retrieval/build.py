@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ssbctl.core.errors import UserError
 from ssbctl.data.loader import check_finite_features
 from ssbctl.data.store import FeatureStore
-from ssbctl.data.video import DecodeError, Sampling, read_frames
-from ssbctl.engine.run import LoadedRun
-from ssbctl.errors import UserError
-from ssbctl.evaluation.evaluate import embed_features, require_finite
-from ssbctl.retrieval.index import Index
-from ssbctl.retrieval.videos import thumb_name, thumbnail_png
+from ssbctl.data.video import DecodeError, Sampling, read_frames, thumbnail_png
+from ssbctl.inference.run import LoadedRun
+from ssbctl.retrieval.index import Index, index_meta, thumb_name
 
 
 def _thumbnail(path: str) -> bytes | None:
@@ -34,8 +32,7 @@ def index_store(run: LoadedRun, store: FeatureStore, splits: list[str] | None = 
         raise UserError(f"{store.root} has no videos to index")
     features = store.load_experts(videos)
     check_finite_features(store, videos, features, ", ".join(splits or sorted(known)))
-    embeddings = embed_features(run.model, features, run.device)
-    require_finite(f"run {run.run_dir} [{run.checkpoint.name}]", videos=embeddings)
+    embeddings = run.encode_features(features)
     records, thumbs = [], {}
     for v in videos:
         record = {"video_id": v["video_id"], "path": v["path"], "split": v["split"],
@@ -45,6 +42,4 @@ def index_store(run: LoadedRun, store: FeatureStore, splits: list[str] | None = 
             record["thumb"] = thumb_name(Path(v["path"]))
             thumbs[record["thumb"]] = png
         records.append(record)
-    meta = {"run": str(Path(run.run_dir).resolve()), "checkpoint": run.checkpoint.name,
-            "source": str(store.root.resolve())}
-    return Index(embeddings, records, meta, thumbs=thumbs)
+    return Index(embeddings, records, index_meta(run, store.root), thumbs=thumbs)

@@ -6,20 +6,24 @@ Layout: ``index.json`` (format, run, checkpoint, dim, count, dtype), ``embedding
 
 from __future__ import annotations
 
+import hashlib
 import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
 
-from ssbctl.errors import DataError, UserError
-from ssbctl.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, read_jsonl,
+from ssbctl.core.errors import DataError, UserError
+from ssbctl.core.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, read_jsonl,
                        replace_dir)
-from ssbctl.validate import check_rows, load_tensors, read_json
-from ssbctl.validate import field as require
+from ssbctl.core.validate import check_rows, load_tensors, read_json
+from ssbctl.core.validate import field as require
+
+if TYPE_CHECKING:
+    from ssbctl.inference.run import LoadedRun
 
 FORMAT_VERSION = 1
 VIDEO_FIELDS = {"video_id": str, "path": str}
@@ -158,3 +162,16 @@ class Index:
             raise DataError(f"{folder}: {embeddings.shape[0]} embeddings but {len(videos)} rows in videos.jsonl; "
                             f"rebuild the index")
         return cls(embeddings, videos, meta, folder=folder)
+
+
+def thumb_name(path: Path) -> str:
+    """File name of a video's thumbnail inside an index folder."""
+    return hashlib.sha1(str(path).encode()).hexdigest()[:16] + ".png"
+
+
+def index_meta(run: LoadedRun, source: Path) -> dict[str, str]:
+    """What ``index.json`` records of an index's origin: the run and checkpoint that embedded it
+    (a searcher loads them to embed queries; an update reuses rows only from the same ones) and
+    the folder the videos came from."""
+    return {"run": str(Path(run.run_dir).resolve()), "checkpoint": run.checkpoint.name,
+            "source": str(Path(source).resolve())}

@@ -7,15 +7,14 @@ from typing import Any
 
 import torch
 
-from ssbctl.engine.run import load_run
-from ssbctl.errors import DataError
-from ssbctl.evaluation.evaluate import embed_texts, nonfinite_rows, require_finite
-from ssbctl.validate import field
-from ssbctl.paths import default_index
+from ssbctl.core.errors import DataError
+from ssbctl.core.paths import default_index
+from ssbctl.core.validate import field
+from ssbctl.inference.run import load_run
+from ssbctl.model.embed import nonfinite_rows, require_finite
 from ssbctl.retrieval.explain import dual_softmax, support_attention
 from ssbctl.retrieval.index import Index
 from ssbctl.retrieval.render import contact_sheet, heatmap
-from ssbctl.retrieval.videos import embed_video_file
 
 
 class Searcher:
@@ -37,11 +36,11 @@ class Searcher:
     @property
     def source(self) -> str:
         """The run and checkpoint that embed queries, as error messages name them."""
-        return f"run {self.run.run_dir} [{self.run.checkpoint.name}]"
+        return self.run.source
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Normalised text embeddings; a DataError when the run's weights make them non-finite."""
-        embedded = embed_texts(self.run.model, self.run.tokenizer, texts, self.run.device)
+        embedded = self.run.encode_text(texts)
         require_finite(self.source, texts=embedded)
         return embedded
 
@@ -54,11 +53,11 @@ class Searcher:
 
     def videos_for_video(self, path: Path, k: int) -> list[list[dict[str, Any]]]:
         """Top-k indexed videos most like a video file."""
-        return self.index.search(embed_video_file(self.run, path), k)
+        return self.index.search(self.run.encode_video([path]), k)
 
     def captions_for_video(self, path: Path, captions: list[str], k: int) -> list[dict[str, Any]]:
         """The ``k`` captions of a bank that best describe a video file."""
-        video = embed_video_file(self.run, path)
+        video = self.run.encode_video([path])
         scores = (self.encode_texts(captions) @ video.t()).flatten()
         top = torch.argsort(scores, descending=True)[:k].tolist()
         return [{"rank": r + 1, "caption": captions[i], "score": float(scores[i])} for r, i in enumerate(top)]
@@ -72,7 +71,7 @@ class Searcher:
 
     def explain(self, label: str, text: str | None, video: Path | None, k: int, out: Path) -> list[dict[str, Any]]:
         """Heatmap of the support-set attention among the query's top results; the top result's row."""
-        query = self.encode_texts([text]) if text else embed_video_file(self.run, video)  # type: ignore[arg-type]
+        query = self.encode_texts([text]) if text else self.run.encode_video([video])  # type: ignore[list-item]
         result = support_attention(self.run, self.index, query, max(k, 2))
         heatmap(result["weights"], result["videos"], f"support-set attention ({result['mask']}) for {label!r}", out)
         return [{"rank": i + 1, "video_id": d["video_id"], "weight": d["weight"]}

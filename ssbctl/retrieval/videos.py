@@ -1,102 +1,19 @@
-"""Embedding video files with a trained run: decode with each expert's sampling, run its backbone,
-encode with the video encoder. Used by ``index --videos`` (incremental) and ``retrieve --video``."""
+"""Indexing a folder of video files with a trained run (``index --videos``), incrementally: only new
+or changed files are embedded, through the run's one video path (:class:`VideoEmbedder`)."""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 
-from ssbctl.data.backbones import Backbone, build_backbone
-from ssbctl.data.decode_pool import DecodePool
-from ssbctl.data.video import VIDEO_SUFFIXES, Sampling
-from ssbctl.engine.run import LoadedRun, read_expert_specs
-from ssbctl.errors import UserError
-from ssbctl.evaluation.evaluate import embed_features, require_finite
-from ssbctl.io import atomic_write_text, jsonl_text, read_jsonl
-from ssbctl.retrieval.index import Index
-
-Progress = Callable[[int, int], None]
-THUMB_SIZE = 96
-
-
-def thumbnail_png(frame: np.ndarray, size: int = THUMB_SIZE) -> bytes:
-    """A frame shrunk to fit ``size`` x ``size``, as PNG bytes."""
-    from PIL import Image
-
-    image = Image.fromarray(np.ascontiguousarray(frame))
-    image.thumbnail((size, size))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def thumb_name(path: Path) -> str:
-    """File name of a video's thumbnail inside an index folder."""
-    return hashlib.sha1(str(path).encode()).hexdigest()[:16] + ".png"
-
-
-def _backbone(spec: dict[str, Any], device: str) -> Backbone:
-    options = {k: v for k, v in spec.items() if k not in ("name", "dim")}
-    if spec["name"] == "imported":
-        raise UserError("this run was trained on imported features: new videos need the same extractor")
-    if spec["name"] != "pixels":
-        options["device"] = device
-    return build_backbone(spec["name"], **options)
-
-
-class VideoEmbedder:
-    """Everything between a video file and the run's embedding of it."""
-
-    def __init__(self, run: LoadedRun, workers: int = 2) -> None:
-        self.run, self.workers = run, workers
-        specs = read_expert_specs(run.run_dir)
-        self.backbones = [_backbone(s["backbone"], run.device.type) for s in specs]
-        self.samplings = [Sampling(**s["sampling"]) for s in specs]
-        self.decoders: dict[int, str] = {}  # set by features(): which decoder read each path (decord, pyav)
-
-    def features(self, paths: list[Path], progress: Progress | None = None
-                 ) -> Iterator[tuple[int, list[torch.Tensor] | None, str | None, bytes | None]]:
-        """Per path: its features per expert (or None and the reason) and a thumbnail. Which
-        decoder read each path lands in ``self.decoders`` (joined with ``+`` when experts differ)."""
-        per_expert: list[dict[int, Any]] = []
-        thumbs: dict[int, bytes] = {}
-        used: dict[int, list[str]] = {}
-        for e, (backbone, sampling) in enumerate(zip(self.backbones, self.samplings)):
-            results: dict[int, Any] = {}
-            for n, (key, decoded, reason) in enumerate(DecodePool(sampling, self.workers).map(enumerate(paths)), 1):
-                if decoded is None:
-                    results[key] = reason
-                    continue
-                frames = decoded.frames
-                results[key] = backbone.encode(frames)
-                used.setdefault(key, []).append(str(decoded.decoder))
-                if e == 0:
-                    thumbs[key] = thumbnail_png(frames[len(frames) // 2])
-                if progress and e == len(self.backbones) - 1:
-                    progress(n, len(paths))
-            per_expert.append(results)
-        self.decoders = {k: "+".join(dict.fromkeys(names)) for k, names in used.items()}
-        for i in range(len(paths)):
-            reasons = [r[i] for r in per_expert if isinstance(r[i], str)]
-            if reasons:
-                yield i, None, reasons[0], None
-            else:
-                yield i, [r[i] for r in per_expert], None, thumbs.get(i)
-
-    def embed(self, features: list[list[torch.Tensor]]) -> torch.Tensor:
-        """Normalised embeddings ``(N, D)`` of per-video expert features."""
-        if not features:
-            return torch.zeros(0, self.run.model.cfg.embed_dim)
-        by_expert = [[f[e] for f in features] for e in range(len(self.backbones))]
-        embedded = embed_features(self.run.model, by_expert, self.run.device)
-        require_finite(f"run {self.run.run_dir} [{self.run.checkpoint.name}]", videos=embedded)
-        return embedded
+from ssbctl.core.errors import UserError
+from ssbctl.core.io import atomic_write_text, jsonl_text
+from ssbctl.data.video import VIDEO_SUFFIXES
+from ssbctl.inference.run import LoadedRun, Progress, VideoEmbedder
+from ssbctl.retrieval.index import Index, index_meta, thumb_name
 
 
 def find_videos(folder: Path) -> list[Path]:
@@ -131,7 +48,7 @@ def index_videos(run: LoadedRun, folder: Path, out: Path, dtype: torch.dtype = t
                  progress: Progress | None = None) -> dict[str, Any]:
     """Index every video under ``folder`` into ``out``; only new or changed files are embedded."""
     files = find_videos(folder)
-    meta = {"run": str(Path(run.run_dir).resolve()), "checkpoint": run.checkpoint.name, "source": str(folder.resolve())}
+    meta = index_meta(run, folder)
     old = Index.load(out) if (out / "index.json").is_file() else None
     same_model = old is not None and all(old.meta.get(k) == meta[k] for k in ("run", "checkpoint")) \
         and old.embeddings.shape[1] == run.model.cfg.embed_dim
@@ -167,18 +84,3 @@ def index_videos(run: LoadedRun, folder: Path, out: Path, dtype: torch.dtype = t
     atomic_write_text(out / "failures.jsonl", jsonl_text(failures))
     return {"index": str(out), "videos": len(rows), "embedded": len(new_rows), "reused": len(keep),
             "failed": failures, "removed": len(known) - len(keep) - sum(1 for p in todo if str(p) in known)}
-
-
-def embed_video_file(run: LoadedRun, path: Path) -> torch.Tensor:
-    """The run's normalised embedding ``(1, D)`` of one video file."""
-    embedder = VideoEmbedder(run, workers=0)
-    (_, feats, reason, _), = list(embedder.features([Path(path)]))
-    if feats is None:
-        raise UserError(f"cannot read video {path}: {reason}")
-    return embedder.embed([feats])
-
-
-def failures_of(index_dir: Path) -> list[dict[str, Any]]:
-    """The unreadable files an index skipped."""
-    path = index_dir / "failures.jsonl"
-    return list(read_jsonl(path)) if path.is_file() else []

@@ -9,7 +9,7 @@ from typing import Callable
 from ssbctl.data.datasets import msrvtt, msvd, paragraphs, vatex
 from ssbctl.data.datasets.common import Protocol, VideoItem, require_root
 from ssbctl.data.datasets.custom import read_custom
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 
 
 @dataclass(frozen=True)

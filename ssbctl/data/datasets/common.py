@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal, overload
 
 from ssbctl.data.video import VIDEO_SUFFIXES
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 
 
 @dataclass

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ssbctl.data.datasets.common import VideoItem, read_csv
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 
 
 def _rows(path: Path) -> list[dict[str, object]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ssbctl.data.datasets.common import Protocol, VideoFiles, VideoItem, find_file, read_ids, split_file
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 
 PROTOCOL = Protocol(ks=(1, 5, 10), max_frames=12,
                     note="MSVD: 670 test videos, every caption a query; v2t counts the best caption")

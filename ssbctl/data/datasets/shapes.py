@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ssbctl.io import atomic_write_json, atomic_write_text, jsonl_text
+from ssbctl.core.io import atomic_write_json, atomic_write_text, jsonl_text
 
 COLOURS: dict[str, tuple[tuple[int, int, int], list[str]]] = {
     "red": ((225, 35, 35), ["red", "crimson"]),

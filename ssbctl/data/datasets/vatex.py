@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ssbctl.data.datasets.common import Protocol, VideoFiles, VideoItem, find_file, read_ids
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 
 PROTOCOL = Protocol(ks=(1, 5, 10), max_frames=12,
                     note="VATEX HGR split: 1,500 test videos, 10 captions each, every caption a query")

@@ -5,12 +5,8 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ssbctl.errors import UserError
-
-if TYPE_CHECKING:
-    from ssbctl.data.store import ExpertStores
+from ssbctl.core.errors import UserError
 
 CONFIG_KINDS = ("recipes", "models")
 
@@ -58,9 +54,3 @@ def resolve_prepared(name: str) -> Path:
     raise UserError(f"no prepared data at '{name}' (looked in {path} and {home() / 'data' / name}); "
                     f"run `ssbctl prepare` first")
 
-
-def open_stores(prepared: str, experts: tuple[str, ...] = ()) -> ExpertStores:
-    """The prepared data a recipe names: its main store plus any extra experts."""
-    from ssbctl.data.store import ExpertStores
-
-    return ExpertStores([resolve_prepared(p) for p in (prepared, *experts)])

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from ssbctl.errors import DataError
+from ssbctl.core.errors import DataError
 
 # JSON types a field may have (bool is not an int here: True would pass for 1).
 KINDS: dict[type, str] = {str: "a string", int: "an integer", float: "a number", dict: "an object",

@@ -1,4 +1,5 @@
-"""Process-group setup for `torchrun` (NCCL on CUDA, gloo on CPU) and small collective helpers."""
+"""Process-group setup for `torchrun` (NCCL on CUDA, gloo on CPU) and every collective ssbctl uses:
+the world, the differentiable global-batch gather, barriers, flag and gradient reductions."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from ssbctl.errors import UserError
+from ssbctl.core.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,8 @@ def setup(device: str) -> tuple[DistInfo, torch.device]:
     finalization, which aborts it ("terminate called without an active exception", SIGABRT)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but CUDA is not available")
-    dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    dev = resolve_device(device, local_rank=local)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -48,7 +47,54 @@ def setup(device: str) -> tuple[DistInfo, torch.device]:
 
 
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether this process is one of several in a process group."""
+    return world()[1] > 1
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: ``(0, 1)`` outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every rank's gradient and returns this rank's
+    slice, so each rank's samples get the gradient of every rank's loss (all_reduce: gloo too)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        rank, size = world()
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x (B, ...)`` of every rank concatenated in rank order (the global batch), differentiable."""
+    return _GatherWithGrad.apply(x) if world()[1] > 1 else x
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` of every rank concatenated in rank order, without gradient (ids, counts)."""
+    size = world()[1]
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def global_offset(rows: int) -> int:
+    """Position of this rank's first row in the global batch."""
+    return world()[0] * rows
 
 
 def barrier() -> None:

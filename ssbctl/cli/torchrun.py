@@ -1,4 +1,5 @@
-"""``torchrun`` for ``ssbctl train --nproc``, reporting a failed worker in one line.
+"""``torchrun`` for ``ssbctl train --nproc``: launching it (:func:`launch_torchrun`) and reporting a
+failed worker in one line.
 
 Plain torchrun answers any failing worker with its own traceback and exit code 1, after every
 worker has printed its error. Here each worker writes its error (message and exit code) to a file
@@ -6,7 +7,7 @@ in ``$SSBCTL_ERROR_DIR`` instead of printing it (see ``ssbctl.cli.app``); when t
 failed workers, the first error written is printed once, as ``error: ...``, and its exit code
 (2 for a user error, 1 for bad data or a failed training) becomes this process's exit code.
 
-Usage: ``python -m ssbctl.engine.torchrun [torchrun options] -m ssbctl train ...``.
+Usage: ``python -m ssbctl.cli.torchrun [torchrun options] -m ssbctl train ...``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from ssbctl.core.errors import UserError
 
 ERROR_DIR_ENV = "SSBCTL_ERROR_DIR"
 
@@ -41,6 +46,54 @@ def first_worker_error(folder: Path) -> tuple[int, str] | None:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None
+
+
+def launch_torchrun(nproc: int, argv: list[str] | None = None, env: dict[str, str] | None = None) -> int:
+    """Run this same ``ssbctl train`` command under ``torchrun --standalone`` with ``nproc`` workers
+    (``env``: variables to add to theirs); a worker's error is reported once (ssbctl.cli.torchrun)."""
+    if "WORLD_SIZE" in os.environ:
+        raise UserError("--nproc is for launching; under torchrun already, drop it")
+    args = list(sys.argv[1:] if argv is None else argv)
+    cleaned, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            cleaned.append(a)
+    cmd = [sys.executable, "-m", "ssbctl.cli.torchrun", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "ssbctl", *cleaned]
+    # Its own session: a Ctrl-C reaches the workers once, through the forwarding below.
+    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **(env or {})})
+
+    def forward(signum: int, _frame: object) -> None:
+        _signal_workers(proc.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _signal_workers(launcher_pid: int, signum: int) -> None:
+    """Send ``signum`` to torchrun's workers, which checkpoint and exit 0, so torchrun exits 0.
+
+    Signalling torchrun itself would also stop them, but torchrun then exits 1 with a
+    traceback. Before the workers exist (or without Linux's /proc) torchrun gets the signal."""
+    workers: list[int] = []
+    for children in Path(f"/proc/{launcher_pid}/task").glob("*/children"):
+        try:
+            workers += [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            continue
+    for pid in workers or [launcher_pid]:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 def main(argv: list[str]) -> int:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ssbctl.errors import UserError
+from ssbctl.core.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -63,7 +63,7 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
     A missing or non-UTF-8 file, a bad line before the last, or a line that is not a JSON object
     is a DataError naming the file and the line."""
-    from ssbctl.errors import DataError
+    from ssbctl.core.errors import DataError
 
     try:
         with open(path, encoding="utf-8") as fh:

@@ -7,7 +7,6 @@ in one batch are positives for each other's video instead of false negatives.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -15,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssbctl.config import LossConfig
+from ssbctl.core.distributed import world
 
 IGNORE_INDEX = -100
 
@@ -23,51 +23,6 @@ def fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32, or unchanged when wider: AMP's half-precision outputs are promoted for the
     similarities and losses, while a float64 model (for numerical checks) stays in float64."""
     return x if x.dtype == torch.float64 else x.float()
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 whose backward sums every rank's gradient and returns this rank's
-    slice, so each rank's samples get the gradient of every rank's loss (all_reduce: gloo too)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        rank, world = _world()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.rows = rank, x.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """``x (B, ...)`` of every rank concatenated in rank order (the global batch), differentiable."""
-    return _GatherWithGrad.apply(x) if _world()[1] > 1 else x
-
-
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """``x`` of every rank concatenated in rank order, without gradient (ids, counts)."""
-    rank, world = _world()
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-def global_offset(rows: int) -> int:
-    """Position of this rank's first row in the global batch."""
-    return _world()[0] * rows
 
 
 def same_video(video_ids: torch.Tensor) -> torch.Tensor:
@@ -116,15 +71,15 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     total = F.cross_entropy(fp32_or_wider(logits.flatten(0, 1)), targets.flatten(), ignore_index=IGNORE_INDEX,
                             reduction="sum")
-    _, world = _world()
-    if world == 1:
+    _, size = world()
+    if size == 1:
         return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
     count = (targets != IGNORE_INDEX).sum().float().reshape(1)
     dist.all_reduce(count)
     local = total / count.clamp(min=1)[0]
     value = local.detach().clone()
     dist.all_reduce(value)
-    return world * local + (value - world * local).detach()
+    return size * local + (value - size * local).detach()
 
 
 class SSBLoss(nn.Module):

@@ -1,0 +1,1 @@
+"""The training objective: contrastive (InfoNCE, max-margin) and captioning losses."""
