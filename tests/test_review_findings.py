@@ -147,6 +147,7 @@ def test_sigterm_to_prepare_releases_its_lock(tmp_path: Path) -> None:
             proc.wait()
     assert not lock.exists(), f"exit {proc.returncode}, lock left behind; stderr:\n{err}"
     assert "Traceback" not in err
+    assert proc.returncode == 143 and "terminated" in err, f"exit {proc.returncode}; stderr:\n{err}"
 
 
 # ---------------------------------------------------------------- bad input, silent results

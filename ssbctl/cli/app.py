@@ -58,7 +58,11 @@ class Terminated(KeyboardInterrupt):
     output locks are released and scratch cleaned up, instead of the default action's instant death."""
 
 
+_TERMINATED = threading.Event()  # set by the handler: click may turn Terminated into a plain exit code
+
+
 def _terminate(_signum: int, _frame: object) -> None:
+    _TERMINATED.set()
     raise Terminated()
 
 
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     exits = _loaded_click_classes("Exit", typer.Exit)
     aborts = _loaded_click_classes("Abort", typer.Abort) + (KeyboardInterrupt,)
     args = list(sys.argv[1:] if argv is None else argv)
+    _TERMINATED.clear()
     try:
         with _sigterm_unwinds(args):
             # obj: the command line as given, for commands that relaunch themselves (train --nproc)
@@ -106,10 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except usage_errors as exc:
         exc.show()  # type: ignore[attr-defined]
         return exc.exit_code  # type: ignore[attr-defined]
-    except aborts as exc:  # click turns a KeyboardInterrupt (and so Terminated) into its Abort
-        if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):
-            print("terminated", file=sys.stderr)
-            return 143
+    except aborts:  # click turns a KeyboardInterrupt (and so Terminated) into its Abort
+        if _TERMINATED.is_set():
+            return _terminated()
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the last resort: one line instead of a traceback (re-raised under SSBCTL_DEBUG)
@@ -118,7 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         text = " ".join(str(exc).split())[:300]
         return _fail(1, f"error: internal error: {type(exc).__name__}: {text} "
                         f"(a bug in ssbctl; rerun with SSBCTL_DEBUG=1 for the traceback)")
+    if _TERMINATED.is_set():  # click may also answer its Abort with an exit code
+        return _terminated()
     return code if isinstance(code, int) else 0
+
+
+def _terminated() -> int:
+    """Report a SIGTERM that unwound the command: one line, exit 143 (128 + SIGTERM)."""
+    _TERMINATED.clear()
+    print("terminated", file=sys.stderr)
+    return 143
 
 
 def _fail(code: int, line: str) -> int:
