@@ -9,8 +9,11 @@ vendored click follows it), 0 before.
 from __future__ import annotations
 
 import os
+import signal
 import sys
-from typing import Annotated
+import threading
+from contextlib import contextmanager
+from typing import Annotated, Iterator
 
 import typer
 
@@ -50,9 +53,40 @@ def _loaded_click_classes(name: str, typer_class: type[BaseException]) -> tuple[
     return tuple(found)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``, a scheduler's stop), unwound like Ctrl-C: every ``finally`` runs, so
+    output locks are released and scratch cleaned up, instead of the default action's instant death."""
+
+
+_TERMINATED = threading.Event()  # set by the handler: click may turn Terminated into a plain exit code
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    _TERMINATED.set()
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_unwinds(args: list[str]) -> Iterator[None]:
+    """For the block, make SIGTERM raise :class:`Terminated` (then restore the previous handler).
+
+    Not for ``train``, which installs its own handler (checkpoint, then exit 0), nor off the main
+    thread (Python delivers signals to the main thread only)."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command == "train" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 1 failure, 2 user error or usage mistake,
-    130 interrupted; ``ssbctl`` alone prints the help (exit 2, or 0 under click before 8.2).
+    130 interrupted, 143 terminated (SIGTERM); ``ssbctl`` alone prints the help (exit 2, or 0
+    under click before 8.2).
 
     Errors are one line on stderr. Anything unexpected is reported as an internal error in one
     line too, unless ``SSBCTL_DEBUG=1`` asks for the traceback."""
@@ -60,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     exits = _loaded_click_classes("Exit", typer.Exit)
     aborts = _loaded_click_classes("Abort", typer.Abort) + (KeyboardInterrupt,)
     args = list(sys.argv[1:] if argv is None else argv)
+    _TERMINATED.clear()
     try:
-        # obj: the command line as given, for commands that relaunch themselves (train --nproc)
-        code = app(args=args, prog_name="ssbctl", standalone_mode=False, obj={"argv": args})  # an int on exit(n)
+        with _sigterm_unwinds(args):
+            # obj: the command line as given, for commands that relaunch themselves (train --nproc)
+            code = app(args=args, prog_name="ssbctl", standalone_mode=False, obj={"argv": args})  # int on exit(n)
     except UserError as exc:
         return _fail(2, f"error: {exc}")
     except TrainingError as exc:
@@ -75,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except usage_errors as exc:
         exc.show()  # type: ignore[attr-defined]
         return exc.exit_code  # type: ignore[attr-defined]
-    except aborts:
+    except aborts:  # click turns a KeyboardInterrupt (and so Terminated) into its Abort
+        if _TERMINATED.is_set():
+            return _terminated()
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the last resort: one line instead of a traceback (re-raised under SSBCTL_DEBUG)
@@ -84,7 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         text = " ".join(str(exc).split())[:300]
         return _fail(1, f"error: internal error: {type(exc).__name__}: {text} "
                         f"(a bug in ssbctl; rerun with SSBCTL_DEBUG=1 for the traceback)")
+    if _TERMINATED.is_set():  # click may also answer its Abort with an exit code
+        return _terminated()
     return code if isinstance(code, int) else 0
+
+
+def _terminated() -> int:
+    """Report a SIGTERM that unwound the command: one line, exit 143 (128 + SIGTERM)."""
+    _TERMINATED.clear()
+    print("terminated", file=sys.stderr)
+    return 143
 
 
 def _fail(code: int, line: str) -> int:

@@ -29,10 +29,10 @@ def demo(
     """Generate shapes clips, prepare, train, evaluate on test, build the default index, run example queries."""
     from ssbctl.data.datasets.shapes import ShapesSpec
     from ssbctl.demo import run_demo
-    from ssbctl.core.io import output_lock
+    from ssbctl.core.io import output_lock, output_path
     from ssbctl.core.paths import default_index, home
 
-    folder, index_dir = (output or home() / "demo").resolve(), default_index()
+    folder, index_dir = output_path(output or home() / "demo"), output_path(default_index())
     with output_lock(folder), output_lock(index_dir):
         result = run_demo(folder, index_dir, ShapesSpec(num_videos=num_videos, seed=seed),
                           [f"train.seed={seed}", *(overrides or [])], RichReporter(), progress_bar)

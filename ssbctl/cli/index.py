@@ -37,10 +37,10 @@ def index(
     """Build an index folder: normalised video embeddings, ids and source paths."""
     from rich.markup import escape
 
-    from ssbctl.core.io import check_output, output_lock
+    from ssbctl.core.io import check_output, output_lock, output_path
     from ssbctl.core.paths import default_index
 
-    target = output or default_index()
+    target = output_path(output or default_index())
     with output_lock(target):
         check_output(target, "index", (run, videos))  # only an earlier index is replaced
         summary = _build(run, data, videos, half, workers, faiss, split, target, checkpoint, device)
@@ -68,6 +68,8 @@ def _build(run: Path, data: str | None, videos: Path | None, half: bool, workers
 
     if videos is not None and split:
         raise UserError("--split selects prepared data; it does not go with --videos")
+    if videos is not None and data is not None:
+        raise UserError("--data indexes prepared data and --videos a folder of video files: give one of them")
     loaded = load_run(run, checkpoint, device)
     dtype = torch.float16 if half else torch.float32
     if videos is not None:

@@ -100,7 +100,7 @@ def prepare(
     from ssbctl.data.prepare import prepare as run_prepare
     from ssbctl.data.video import Sampling
     from ssbctl.core.errors import UserError
-    from ssbctl.core.io import check_output, output_lock
+    from ssbctl.core.io import check_output, output_lock, output_path
     from ssbctl.core.paths import home
 
     sha256 = check_download_options(download, urls, sha256)
@@ -109,6 +109,7 @@ def prepare(
     limits = ExtractLimits.from_env(max_extract_bytes) if download else None
     protocol = dataset_spec(dataset).protocol
     inputs = (annotations, root, features)
+    output = output_path(output) if output is not None else None  # `.`, a symlink: see output_path
     if output is not None and (features is not None or len(backbones or ["pixels"]) == 1):
         check_output(output, "store", inputs)  # before any download or decoding
     mode = sampling or ("uniform" if dataset in ("shapes", "custom") else "fps")
@@ -130,6 +131,7 @@ def prepare(
         outs = [home() / "data" / f"{dataset}-{t}" for t in tags]
     else:
         outs = [output] if len(models) == 1 else [Path(f"{output}-{t}") for t in tags]
+    outs = [output_path(o) for o in outs]
     k, n = _shard(shard)
     opts = PrepareOptions(sampling=Sampling(mode, frames or protocol.max_frames, fps), shard=k, num_shards=n,
                           workers=workers, max_failures=max_failures, chunk_size=max(1, chunk_size),

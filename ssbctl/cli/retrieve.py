@@ -44,12 +44,37 @@ def _lines(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path: Path) -> bool:
+    """Whether ``path`` is a regular file that starts like a PNG (an earlier picture to replace)."""
+    import os
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as fh:
+            return fh.read(len(PNG_MAGIC)) == PNG_MAGIC
+    except OSError:
+        return False
+
+
 def _check_output(option: str, path: Path | None) -> None:
-    """An output picture must be a file path (checked before any work is done)."""
+    """An output picture must be a file path, new or an earlier PNG (checked before any work is
+    done): any other existing file is the user's (a slip of tab completion), never overwritten."""
+    import os
+
     from ssbctl.core.errors import UserError
 
-    if path is not None and (path.is_dir() or path.parent.exists() and not path.parent.is_dir()):
+    if path is None:
+        return
+    if path.is_dir() or path.parent.exists() and not path.parent.is_dir():
         raise UserError(f"{option} {path}: expected a PNG file path, not a folder")
+    if os.path.lexists(path) and not _is_png(path):
+        raise UserError(f"{option} {path} exists and is not a PNG picture; nothing was changed "
+                        f"(choose another file name)")
 
 
 def _table(title: str, hits: list[dict[str, Any]]) -> Table:

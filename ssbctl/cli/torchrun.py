@@ -64,8 +64,12 @@ def launch_torchrun(nproc: int, argv: list[str] | None = None, env: dict[str, st
             cleaned.append(a)
     cmd = [sys.executable, "-m", "ssbctl.cli.torchrun", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ssbctl", *cleaned]
+    child_env = {**os.environ, **(env or {})}
+    # torchrun sets OMP_NUM_THREADS=1 for its workers when it is unset, with a 4-line banner on
+    # stderr; a share of the cores each is the better default, and torchrun then stays quiet.
+    child_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # Its own session: a Ctrl-C reaches the workers once, through the forwarding below.
-    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(cmd, start_new_session=True, env=child_env)
 
     def forward(signum: int, _frame: object) -> None:
         _signal_workers(proc.pid, signum)
@@ -96,12 +100,22 @@ def _signal_workers(launcher_pid: int, signum: int) -> None:
             pass
 
 
+def _quiet_torch_logs() -> None:
+    """Silence torch.distributed's loggers (notices and failures; ours are reported in one line).
+
+    Setting the level of ``torch.distributed`` alone is not enough: torch's elastic ``get_logger``
+    gives each module's logger (``torch.distributed.run``, its agents) a level of its own."""
+    names = [name for name in list(logging.root.manager.loggerDict) if name.startswith("torch.distributed")]
+    for name in {"torch.distributed", "torch.distributed.run", *names}:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str]) -> int:
     """Run torchrun with ``argv``; return 0, or the first worker's exit code after one error line."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # failures are reported below
+    _quiet_torch_logs()  # failures are reported below, in one line
     folder = Path(tempfile.mkdtemp(prefix="ssbctl-errors-"))
     os.environ[ERROR_DIR_ENV] = str(folder)
     try:

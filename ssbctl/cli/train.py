@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ssbctl.cli.common import JsonOption, RichReporter, metrics_table, out, print_json
+from ssbctl.cli.common import JsonOption, RichReporter, at_least, metrics_table, out, print_json
 
 EPILOG = """Examples:
 
@@ -32,7 +32,8 @@ def train(
         "--out", help="Run folder (default: the recipe's train.output_dir).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")] = False,
     nproc: Annotated[int, typer.Option(
-        help="Launch this many processes with torchrun (one per GPU, or gloo on CPU).")] = 1,
+        help="Launch this many processes with torchrun (one per GPU, or gloo on CPU).",
+        callback=at_least(1, "--nproc"))] = 1,
     as_json: JsonOption = False,
 ) -> None:
     """Train the SSB model on prepared data; checkpoints, metrics.jsonl and the resolved recipe go to the run folder.
@@ -44,9 +45,10 @@ def train(
     from ssbctl.cli.torchrun import launch_torchrun
     from ssbctl.engine.train_setup import preflight, resolve_recipe
     from ssbctl.engine.trainer import train as run_training
-    from ssbctl.core.io import check_output, lock_env, output_lock
+    from ssbctl.core.io import check_output, lock_env, output_lock, output_path
 
     resolved, run_dir = resolve_recipe(recipe, overrides or [], output, resume)
+    run_dir = output_path(run_dir)
     if not resume:
         check_output(run_dir, "run")  # a fresh run writes into --out: only a new, empty or run folder
     if nproc > 1:  # a user error is reported once, before any worker starts

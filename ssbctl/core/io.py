@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ssbctl.core.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -40,6 +45,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_user_file(path: Path, data: bytes) -> None:
+    """Atomically write a file the user named (a picture): a place that cannot be written (a
+    read-only or pseudo file system, a parent that is a file) is a UserError naming it."""
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a safetensors file atomically (temp file, fsync, rename) with the usual file mode.
+
+    safetensors itself creates its files 0600, unreadable to colleagues sharing a store or an
+    index; like :func:`atomic_write_bytes`, the file gets ``0666`` less the process umask."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, str(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -95,9 +129,28 @@ def append_jsonl(path: Path, row: dict[str, Any] | list[dict[str, Any]]) -> None
         os.fsync(fh.fileno())
 
 
+def output_path(path: Path) -> Path:
+    """An output path as every writer should use it: absolute (``--out .`` names the current
+    folder by its name, so scratch folders go beside it, not inside), and a symlink to a folder
+    followed to its target (the output is written where the link points; the link stays).
+
+    Not ``resolve()``: links higher up the path are kept as the user typed them."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _remove(path: Path) -> None:
+    """Remove whatever is at ``path``: a folder with its contents, or a file or link (not its target)."""
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def fresh_dir(path: Path) -> Path:
     """An empty folder at ``path`` (whatever an earlier, interrupted write left there is removed)."""
-    shutil.rmtree(path, ignore_errors=True)
+    path = Path(os.path.abspath(path))
+    _remove(path)
     path.mkdir(parents=True)
     return path
 
@@ -108,15 +161,16 @@ def replace_dir(tmp: Path, final: Path, kind: str | None = None) -> None:
     Readers see the old folder or the new one, never a half-written one. With ``kind`` (a
     user-facing output: ``store``, ``index``), ``final`` must pass :func:`check_output` and the
     new folder is marked as that kind; without it (a folder inside a run) it is replaced as is."""
+    tmp, final = Path(os.path.abspath(tmp)), Path(os.path.abspath(final))
     if kind is not None:
         check_output(final, kind)
         mark_kind(tmp, kind)
     old = final.parent / f".{final.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
+    _remove(old)
+    if os.path.lexists(final):
         final.rename(old)
     tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
 
 
 # ---------------------------------------------------------------- what an output folder is
@@ -125,10 +179,35 @@ KIND_FILE = ".ssbctl-kind"  # one word, written into every output folder: what s
 KIND_NAMES = {"store": "a prepared-data store", "index": "an index", "run": "a run folder", "demo": "a demo folder"}
 
 
-def _json_keys(path: Path, keys: tuple[str, ...]) -> bool:
+# What a kind that replaces its folder whole writes there (older versions included): anything
+# else in such a folder is not ssbctl's, and replacing the folder would delete it. Runs and demos
+# are written into, never replaced whole, so they have no such list.
+KIND_WRITES: dict[str, tuple[str, ...]] = {
+    "store": ("manifest.json", "videos.jsonl", "captions.jsonl", "failures.jsonl", "features-*.safetensors"),
+    "index": ("index.json", "embeddings.safetensors", "videos.jsonl", "failures.jsonl", "thumbs", "faiss*"),
+}
+# ssbctl's own marks and scratch in any output: the kind mark, atomic-write temp files, locks of
+# outputs inside, leftovers of an interrupted replace.
+_SCRATCH = (KIND_FILE, ".*.tmp", ".*.lock", ".*.old", ".*.writing")
+
+
+def _read_small(path: Path, limit: int) -> str | None:
+    """The text of ``path`` if it is a regular file (a FIFO or a device never is: reading it
+    could block or never end), at most ``limit`` bytes; None when it cannot be read."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        with open(path, "rb") as fh:
+            return fh.read(limit).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _json_keys(path: Path, keys: tuple[str, ...]) -> bool:
+    text = _read_small(path, 64 << 20)
+    try:
+        doc = json.loads(text) if text is not None else None
+    except ValueError:
         return False
     return isinstance(doc, dict) and all(k in doc for k in keys)
 
@@ -139,11 +218,8 @@ def _legacy_demo(folder: Path) -> bool:
 
 
 def _legacy_run(folder: Path) -> bool:
-    try:
-        with open(folder / "recipe.toml", encoding="utf-8") as fh:
-            return fh.readline().startswith("# Resolved recipe of this run")
-    except OSError:
-        return False
+    text = _read_small(folder / "recipe.toml", 256)
+    return text is not None and text.startswith("# Resolved recipe of this run")
 
 
 # How to recognise what ssbctl wrote before it marked its folders with KIND_FILE.
@@ -158,10 +234,7 @@ _LEGACY: dict[str, Callable[[Path], bool]] = {
 def folder_kind(folder: Path) -> str | None:
     """Which kind of ssbctl output ``folder`` holds (its mark, else its files), or None."""
     folder = Path(folder)
-    try:
-        mark = (folder / KIND_FILE).read_text(encoding="utf-8").strip()
-    except OSError:
-        mark = ""
+    mark = (_read_small(folder / KIND_FILE, 64) or "").strip()
     if mark:
         return mark
     return next((kind for kind, probe in _LEGACY.items() if probe(folder)), None)
@@ -190,12 +263,26 @@ def check_output(path: Path, kind: str, inputs: Iterable[Path | None] = ()) -> N
         return
     found = folder_kind(path)
     if found == kind:
+        _check_foreign(path, kind, what)
         return
     if found:
         raise UserError(f"{path} holds {KIND_NAMES.get(found, found)}, not {what}; nothing was changed "
                         f"(choose another --out)")
     raise UserError(f"{path} is not empty and is not {what} written by ssbctl; nothing was changed "
                     f"(choose a new or empty folder)")
+
+
+def _check_foreign(path: Path, kind: str, what: str) -> None:
+    """Refuse to replace a folder of ``kind`` that holds an entry ssbctl never writes there (the
+    user's notes, an index built inside a store): replacing the folder would delete it."""
+    patterns = KIND_WRITES.get(kind)
+    if patterns is None:
+        return
+    for entry in sorted(p.name for p in path.iterdir()):
+        if not any(fnmatch.fnmatchcase(entry, pattern) for pattern in (*patterns, *_SCRATCH)):
+            raise UserError(f"{path} is {what} but also holds {entry}, which ssbctl did not write; "
+                            f"replacing it would delete that, so nothing was changed (move {entry} "
+                            f"out, or choose another --out)")
 
 
 def _inside(source: Path, folder: Path) -> bool:
@@ -255,10 +342,18 @@ def _inherited(lock: Path) -> bool:
 
 
 def _acquire(lock: Path, target: Path) -> int:
-    """Open, lock and fill in ``lock``; the open descriptor holds the lock until closed."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    """Open, lock and fill in ``lock``; the open descriptor holds the lock until closed.
+
+    A lock that cannot be created (the output's parent is a file, a read-only or pseudo file
+    system) means the output cannot be written: a UserError naming it."""
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as exc:
+            reason = ("a part of that path is a file, not a folder" if exc.errno in (errno.EEXIST, errno.ENOTDIR)
+                      else exc.strerror or str(exc))
+            raise UserError(f"cannot write {target}: {reason}") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -30,7 +30,6 @@ from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ssbctl.data.backbone import Backbone
 from ssbctl.data.datasets import DatasetOptions, Protocol, VideoItem, dataset_spec
@@ -39,7 +38,7 @@ from ssbctl.data.decode_pool import DecodePool, load_features_file
 from ssbctl.data.store import StoreWriter
 from ssbctl.data.video import DecodeError, Decoded, Sampling
 from ssbctl.core.errors import DataError, UserError
-from ssbctl.core.io import append_jsonl, atomic_write_json, check_output, read_jsonl
+from ssbctl.core.io import append_jsonl, atomic_write_json, check_output, output_path, read_jsonl, save_tensors
 from ssbctl.core.paths import home
 
 Progress = Callable[[int, int], None]
@@ -123,8 +122,7 @@ class ShardWork:
         chunk = self.next_chunk
         for b in range(self.backbones):
             path = self.folder / f"features-b{b}-c{chunk:05d}.safetensors"
-            save_file({vid: f[b].contiguous() for vid, f, _ in self.pending}, str(path) + ".tmp")
-            os.replace(str(path) + ".tmp", path)
+            save_tensors(path, {vid: f[b].contiguous() for vid, f, _ in self.pending})
         self._record([{"video_id": vid, "status": "ok", "chunk": chunk, **source} for vid, _, source in self.pending])
         self.pending, self.next_chunk = [], chunk + 1
 
@@ -139,7 +137,9 @@ class ShardWork:
 
 
 def work_root(out: Path) -> Path:
-    """Where the unfinished work of a prepare into ``out`` lives."""
+    """Where the unfinished work of a prepare into ``out`` lives (beside it, whatever ``out`` is:
+    ``.`` names the current folder, whose scratch must not go inside it)."""
+    out = output_path(out)
     return out.parent / f".{out.name}.partial"
 
 
@@ -158,6 +158,9 @@ def prepare(dataset: str, items: list[VideoItem], backbones: list[Backbone], out
     """Prepare this process's shard; merge when every shard is done. Returns a summary."""
     if not 0 <= opts.shard < opts.num_shards:
         raise UserError(f"--shard must be K/N with 0 <= K < N, got {opts.shard}/{opts.num_shards}")
+    if not items:  # a store of nothing: refused before any scratch folder is made
+        raise UserError(f"{dataset}: there are no videos to prepare")
+    outs = [output_path(out) for out in outs]
     for out in outs:  # only an earlier store may be replaced: refuse before any work
         check_output(out, "store")
     root = work_root(outs[0])

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ssbctl.data.backbone import Backbone
 from ssbctl.data.video import Sampling
 from ssbctl.core.errors import DataError, UserError
-from ssbctl.core.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, read_jsonl,
-                       replace_dir)
+from ssbctl.core.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, output_path,
+                            read_jsonl, replace_dir, save_tensors)
 from ssbctl.core.validate import check_rows, field, open_tensors, read_json
 from ssbctl.core.paths import resolve_prepared
 
@@ -60,7 +59,7 @@ class StoreWriter:
 
     def __init__(self, root: Path, dataset: str, backbone: Backbone, sampling: Sampling,
                  shard_size: int = 512, protocol: dict[str, Any] | None = None) -> None:
-        self.root = Path(root)
+        self.root = output_path(root)
         check_output(self.root, "store")  # before any work: replacing anything but a store loses data
         self.tmp = fresh_dir(self.root.parent / f".{self.root.name}.writing")
         self.dataset, self.backbone, self.sampling, self.shard_size = dataset, backbone, sampling, shard_size
@@ -90,7 +89,7 @@ class StoreWriter:
         if not self._pending:
             return
         name = f"features-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(self.tmp / name))
+        save_tensors(self.tmp / name, self._pending)
         self._shards.append(name)
         self._pending = {}
 

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 
 from ssbctl.core.errors import DataError, UserError
-from ssbctl.core.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, read_jsonl,
-                       replace_dir)
+from ssbctl.core.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, output_path,
+                            read_jsonl, replace_dir, save_tensors)
 from ssbctl.core.validate import check_rows, load_tensors, read_json
 from ssbctl.core.validate import field as require
 
@@ -111,10 +110,10 @@ class Index:
 
     def save(self, folder: Path, dtype: torch.dtype = torch.float32) -> None:
         """Write the index folder whole (temp folder, then rename); it replaces only an earlier index."""
-        folder = Path(folder)
+        folder = output_path(folder)
         check_output(folder, "index")
         tmp = fresh_dir(folder.parent / f".{folder.name}.tmp")
-        save_file({"embeddings": self.embeddings.to(dtype).contiguous()}, str(tmp / "embeddings.safetensors"))
+        save_tensors(tmp / "embeddings.safetensors", {"embeddings": self.embeddings.to(dtype).contiguous()})
         self._save_thumbs(tmp / "thumbs")
         atomic_write_text(tmp / "videos.jsonl", jsonl_text(self.videos))
         atomic_write_json(tmp / "index.json", {"format_version": FORMAT_VERSION, "count": len(self.videos),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
+
+from ssbctl.core.io import write_user_file
 
 CELL = 96  # thumbnail box of the contact sheet
 LABEL = 14  # text line height
@@ -46,9 +49,15 @@ def contact_sheet(rows: list[tuple[str, list[dict[str, Any]], list[Path | None]]
             draw.text((left, top + LABEL + CELL + 1), f"#{hit['rank']}  {hit['score']:.3f}",
                       fill=(250, 220, 120), font=font)
             draw.text((left, top + 2 * LABEL + CELL), str(hit["video_id"])[-16:], fill=(180, 180, 180), font=font)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out, format="PNG")
+    _save_png(sheet, out)
     return size
+
+
+def _save_png(image: Any, out: Path) -> None:
+    """Write ``image`` as a PNG at ``out`` atomically; an unwritable ``out`` is a UserError naming it."""
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    write_user_file(out, data.getvalue())
 
 
 def _colour(value: float) -> tuple[int, int, int]:
@@ -83,6 +92,5 @@ def heatmap(weights: list[list[float]], labels: list[str], title: str, out: Path
             draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=_colour(w / peak))
             draw.text((x + 4, y + cell // 3), f"{w:.2f}", fill=(255, 255, 255) if w < 0.6 * peak else (0, 0, 0),
                       font=font)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, format="PNG")
+    _save_png(image, out)
     return size

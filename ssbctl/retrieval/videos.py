@@ -48,6 +48,8 @@ def index_videos(run: LoadedRun, folder: Path, out: Path, dtype: torch.dtype = t
                  progress: Progress | None = None) -> dict[str, Any]:
     """Index every video under ``folder`` into ``out``; only new or changed files are embedded."""
     files = find_videos(folder)
+    if not files:  # an empty index would answer every query with nothing, silently
+        raise UserError(f"--videos {folder}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) in it")
     meta = index_meta(run, folder)
     old = Index.load(out) if (out / "index.json").is_file() else None
     same_model = old is not None and all(old.meta.get(k) == meta[k] for k in ("run", "checkpoint")) \

@@ -60,6 +60,8 @@ def read_custom(annotations: Path) -> list[VideoItem]:
         if item.split != split:
             raise UserError(f"{annotations}: row {n}: video {video} is in splits {item.split} and {split}")
         item.captions.append(caption)
+    if not items:  # 0 bytes, blank lines, a CSV header alone: nothing to prepare
+        raise UserError(f"{annotations}: no annotation rows (expected video, caption[, split] per row)")
     ids = [i.video_id for i in items.values()]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
