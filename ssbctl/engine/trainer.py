@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from ssbctl.config import Recipe, TrainConfig
 from ssbctl.data.loader import (Collate, EpochBatchSampler, PairDataset, check_finite_features, check_global_batch,
                                 split_pairs)
-from ssbctl.data.store import FeatureStore
+from ssbctl.data.store import Store
 from ssbctl.engine.accumulate import accumulated_backward
 from ssbctl.engine.rng import rng_states, set_rng_states
 from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, remap_optimizer_state,
@@ -43,7 +43,7 @@ METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
 
 
-Evaluate = Callable[[SSBModel, Any, FeatureStore, str, torch.device], dict[str, Any]]
+Evaluate = Callable[[SSBModel, Any, Store, str, torch.device], dict[str, Any]]
 """Per-epoch validation: ``(model, tokenizer, store, split, device) -> metrics`` (the metrics hold
 ``t2v`` with ``R1``, ``R5``, ``R10``, ``MdR``); ``ssbctl.evaluation.evaluate.evaluate_split`` is one."""
 
@@ -118,7 +118,7 @@ def build_optimizer(model: SSBModel, cfg: TrainConfig) -> torch.optim.AdamW:
          for (pretrained, no_decay), ps in _param_groups(model).items()])
 
 
-def check_training_batch(recipe: Recipe, store: FeatureStore, world: int) -> None:
+def check_training_batch(recipe: Recipe, store: Store, world: int) -> None:
     """Refuse a recipe whose global batch the training split cannot fill or the processes cannot share."""
     split = recipe.data.train_split
     pairs = len(split_pairs(store, split))
