@@ -43,9 +43,9 @@ METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
 
 
+# Per-epoch validation, ``(model, tokenizer, store, split, device) -> metrics`` (with ``t2v``'s R1, R5,
+# R10, MdR), e.g. ``ssbctl.evaluation.evaluate.evaluate_split``: passed in, the engine sits below it.
 Evaluate = Callable[[SSBModel, Any, Store, str, torch.device], dict[str, Any]]
-"""Per-epoch validation: ``(model, tokenizer, store, split, device) -> metrics`` (the metrics hold
-``t2v`` with ``R1``, ``R5``, ``R10``, ``MdR``); ``ssbctl.evaluation.evaluate.evaluate_split`` is one."""
 
 
 class Reporter(Protocol):
@@ -133,13 +133,9 @@ COMPILE_UNUSED = ("train.compile = true has no effect with train.accum_steps > 1
                   "runs the encoders outside the compiled forward, so training runs uncompiled")
 
 
-
 class Trainer:
     """Trains ``recipe`` into ``run_dir``; ``fit`` runs to the end or until stopped by a signal.
-
-    ``evaluate`` validates the model on ``data.eval_split`` after every epoch (a row in
-    ``metrics.jsonl``); without it no validation runs. The engine does not import the evaluation
-    layer: ``ssbctl.training.train`` passes ``evaluate_split``."""
+    ``evaluate``, when given, validates on ``data.eval_split`` after every epoch (``metrics.jsonl``)."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, resume: bool = False,
                  reporter: Reporter | None = None, evaluate: Evaluate | None = None) -> None:
@@ -492,8 +488,7 @@ class _StopOnSignal:
 
 def train(recipe: Recipe, run_dir: Path, resume: bool = False, reporter: Reporter | None = None,
           evaluate: Evaluate | None = None) -> dict[str, Any]:
-    """Train ``recipe`` into ``run_dir`` (continuing its latest checkpoint with ``resume``),
-    validating with ``evaluate`` after every epoch when given (``ssbctl.training.train`` gives it).
+    """Train ``recipe`` into ``run_dir`` (continuing its latest checkpoint with ``resume``; see ``Trainer``).
 
     Under torchrun, the process group this call joins is left before it returns (or raises):
     every rank passed the last barrier of ``fit``, and a process must not exit with gloo alive."""
