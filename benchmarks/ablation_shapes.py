@@ -23,7 +23,7 @@ from ssbctl.data.prepare import dataset_items, prepare_items
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import Sampling
 from ssbctl.inference.run import load_run
-from ssbctl.engine.trainer import train
+from ssbctl.training import train
 from ssbctl.evaluation.evaluate import evaluate_split
 
 MASKS = ("none", "identity", "full", "cross")

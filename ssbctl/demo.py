@@ -15,7 +15,8 @@ from ssbctl.data.prepare import dataset_items, prepare_items
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import Sampling
 from ssbctl.inference.run import load_run
-from ssbctl.engine.trainer import Reporter, train
+from ssbctl.engine.trainer import Reporter
+from ssbctl.training import train
 from ssbctl.evaluation.evaluate import evaluate_split
 from ssbctl.core.io import check_output, mark_kind
 from ssbctl.retrieval.build import index_store

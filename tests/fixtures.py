@@ -277,8 +277,9 @@ def train_recording_gradients(recipe: str, overrides: list[str], run_dir: Path, 
     step's gradients to ``grads``. Runs alike in one process and under torchrun."""
     from ssbctl.config import load_recipe
     from ssbctl.engine.trainer import Trainer
+    from ssbctl.evaluation.evaluate import evaluate_split
 
     recorder = GradientRecorder(grads)
-    trainer = Trainer(load_recipe(recipe, overrides), Path(run_dir), reporter=recorder)
+    trainer = Trainer(load_recipe(recipe, overrides), Path(run_dir), reporter=recorder, evaluate=evaluate_split)
     recorder.module = trainer.module
     return trainer.fit()

@@ -16,9 +16,10 @@ from ssbctl.config import load_recipe
 from ssbctl.data.loader import Collate, PairDataset
 from ssbctl.data.store import FeatureStore
 from ssbctl.engine.accumulate import accumulated_backward
-from ssbctl.engine.trainer import train
+from ssbctl.training import train
 from ssbctl.data.batch import Batch
 from ssbctl.model.ssb import build_model
+from ssbctl.objective.step import SSBObjective
 
 
 @pytest.mark.parametrize("mask", ["cross", "identity", "none"])
@@ -33,13 +34,14 @@ def test_four_micro_batches_equal_one_full_batch(shapes_store: Path, tiny_text_m
     model.eval()  # no dropout: both ways must see the same network
     model.double()
     batch = _double(Collate(tokenizer, 16)([data[i] for i in range(16)]))
+    objective = SSBObjective(model, recipe.loss)
 
-    full = model(batch)
+    full = objective(batch)
     full["loss"].backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
 
-    terms = accumulated_backward(model, batch, 4, lambda x: x, contextlib.nullcontext)
+    terms = accumulated_backward(objective, batch, 4, lambda x: x, contextlib.nullcontext)
     for key in full:
         assert terms[key].item() == pytest.approx(full[key].item(), rel=1e-9)
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -66,4 +68,4 @@ def test_compile_with_accumulation_warns_that_it_runs_uncompiled(tiny_recipe_arg
     recipe = load_recipe("shapes", tiny_recipe_args("acc", **{"train.accum_steps": 2, "train.compile": True}))
     with pytest.warns(UserWarning, match="train.compile = true has no effect with train.accum_steps > 1"):
         trainer = Trainer(recipe, tmp_path / "acc")
-    assert trainer.model is trainer.module  # nothing compiled that would never run
+    assert trainer.model is trainer.objective  # nothing compiled that would never run

@@ -15,7 +15,8 @@ import torch
 import ssbctl.engine.trainer as trainer_module
 from ssbctl.config import load_recipe
 from ssbctl.engine.checkpoint import latest_checkpoint
-from ssbctl.engine.trainer import Trainer, train
+from ssbctl.engine.trainer import Trainer
+from ssbctl.training import train
 from ssbctl.core.io import read_jsonl
 
 

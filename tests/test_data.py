@@ -15,7 +15,7 @@ from ssbctl.data.backbones import build_backbone
 from ssbctl.data.datasets import read_custom
 from ssbctl.data.datasets.shapes import ShapesSpec, generate
 from ssbctl.data.prepare import prepare_items
-from ssbctl.data.store import FeatureStore
+from ssbctl.data.store import ExpertStores, FeatureStore
 from ssbctl.data.video import DecodeError, Sampling, read_frames
 from ssbctl.core.errors import UserError
 
@@ -75,6 +75,22 @@ def test_store_round_trip(shapes_store: Path) -> None:
     assert {c["video_id"] for c in store.split_captions("test")} == {v["video_id"] for v in videos}
     with pytest.raises(UserError, match="split 'nope'"):
         store.split_videos("nope")
+
+
+def test_expert_stores_hold_their_stores_instead_of_being_one(shapes_store: Path) -> None:
+    """ExpertStores composes FeatureStores (issue 10): no FeatureStore method it does not mean to
+    offer (``load_features`` of the main store alone) leaks through; it reads videos, captions and
+    splits from the main store and features from every store, expert by expert."""
+    stores = ExpertStores([shapes_store, shapes_store])
+    assert not isinstance(stores, FeatureStore) and not hasattr(stores, "load_features")
+    main = FeatureStore(shapes_store)
+    assert stores.root == main.root and stores.videos == main.videos and stores.ks == main.ks
+    assert stores.split_captions("test") == main.split_captions("test")
+    assert stores.feature_dims == (192, 192) and len(stores.expert_specs()) == 2
+    videos = stores.split_videos("test")
+    experts = stores.load_experts(videos)
+    assert len(experts) == 2 and all(torch.equal(a, b) for a, b in zip(*experts))
+    assert all(torch.equal(a, b) for a, b in zip(experts[0], main.load_features(videos)))
 
 
 def test_corrupt_missing_and_empty_videos_are_recorded_and_the_run_goes_on(shapes_raw: Path, tmp_path: Path) -> None:

@@ -284,7 +284,7 @@ def test_index_of_a_video_folder_loses_no_valid_video(matrix, shapes_store: Path
     from conftest import tiny_overrides
     from ssbctl.config import load_recipe
     from ssbctl.inference.run import load_run
-    from ssbctl.engine.trainer import train
+    from ssbctl.training import train
     from ssbctl.retrieval.index import Index
 
     train(load_recipe("shapes", tiny_overrides(shapes_store, tiny_text_model, tmp_path / "run",

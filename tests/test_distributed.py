@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from ssbctl.config import load_recipe
 from ssbctl.engine.checkpoint import latest_checkpoint
-from ssbctl.engine.trainer import train
+from ssbctl.training import train
 from ssbctl.core.io import read_jsonl
 from fixtures import children as _children
 from fixtures import communicate_or_reap as _communicate_or_reap
@@ -139,6 +139,7 @@ import json, os, signal, sys
 from pathlib import Path
 import torch.distributed as dist
 from ssbctl.config import load_recipe
+from ssbctl import training
 from ssbctl.engine import trainer
 
 recipe, run, at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
@@ -147,7 +148,7 @@ if os.environ["RANK"] == "1":
         if step == at:
             os.kill(os.getpid(), signal.SIGTERM)
     trainer.SilentReporter.step = step
-summary = trainer.train(load_recipe(recipe), run)
+summary = training.train(load_recipe(recipe), run)
 summary["group_left"] = not dist.is_initialized()  # gloo alive at exit aborts the process
 (run.parent / f"summary-{os.environ['RANK']}.json").write_text(json.dumps(summary))
 """

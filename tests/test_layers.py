@@ -34,6 +34,19 @@ def test_layers_contract_lists_no_exceptions() -> None:
     assert not contract.get("ignore_imports") and not contract.get("unmatched_ignore_imports_alerting")
 
 
+def test_layers_are_in_the_issues_order() -> None:
+    """Bottom-up: core, config, data, model, objective, engine, inference, then evaluation and
+    retrieval side by side (neither imports the other), and the faces over them. The model is plain
+    modules (the objective turns their outputs into losses), and the trainer takes its per-epoch
+    validation as an argument instead of importing the evaluation layer."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (contract,) = config["contracts"]
+    bottom_up = [[name.strip() for name in layer.split("|")] for layer in reversed(contract["layers"])]
+    assert bottom_up[:8] == [["core"], ["config"], ["data"], ["model"], ["objective"], ["engine"], ["inference"],
+                             ["evaluation", "retrieval"]]
+    assert bottom_up[-1] == ["cli"]
+
+
 def _cycles(imports: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (or a module importing itself)."""
     index: dict[str, int] = {}

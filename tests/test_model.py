@@ -12,6 +12,7 @@ from ssbctl.data.loader import Collate, PairDataset
 from ssbctl.data.store import FeatureStore
 from ssbctl.model.ssb import build_model
 from ssbctl.model.support_set import SupportSetBottleneck, support_mask
+from ssbctl.objective.step import SSBObjective
 
 
 def test_cross_mask_never_attends_to_the_sample_or_its_own_video() -> None:
@@ -49,12 +50,12 @@ def _tiny_model(store: Path, text_model: Path, mask: str = "cross", trainable: i
     torch.manual_seed(0)
     model, tokenizer, cfg = build_model(recipe.model, recipe.loss, (FeatureStore(store).feature_dim,), data.captions)
     batch = Collate(tokenizer, 16)([data[i] for i in range(8)])
-    return model, tokenizer, cfg, batch
+    return model, tokenizer, cfg, batch, SSBObjective(model, recipe.loss)
 
 
 def test_gradients_reach_both_encoders_and_the_decoder(shapes_store: Path, tiny_text_model: Path) -> None:
-    model, _, cfg, batch = _tiny_model(shapes_store, tiny_text_model)
-    out = model(batch)
+    model, _, cfg, batch, objective = _tiny_model(shapes_store, tiny_text_model)
+    out = objective(batch)
     assert set(out) == {"loss", "contrastive_loss", "caption_loss"}
     out["loss"].backward()
     parts = {"video": model.video, "text backbone": model.text.backbone, "text proj": model.text.proj,
@@ -66,18 +67,18 @@ def test_gradients_reach_both_encoders_and_the_decoder(shapes_store: Path, tiny_
     assert model.log_logit_scale.grad is not None
     # the caption loss alone reaches the video encoder through the bottleneck
     model.zero_grad()
-    model(batch)["caption_loss"].backward()
+    objective(batch)["caption_loss"].backward()
     assert sum(float(p.grad.abs().sum()) for p in model.video.parameters()) > 0
     assert cfg.decoder.vocab_size == model.decoder.head.out_features
 
 
 def test_mask_none_is_contrastive_only(shapes_store: Path, tiny_text_model: Path) -> None:
-    model, _, _, batch = _tiny_model(shapes_store, tiny_text_model, mask="none")
-    assert model.decoder is None and set(model(batch)) == {"loss", "contrastive_loss"}
+    model, _, _, batch, objective = _tiny_model(shapes_store, tiny_text_model, mask="none")
+    assert model.decoder is None and set(objective(batch)) == {"loss", "contrastive_loss"}
 
 
 def test_embeddings_are_normalised(shapes_store: Path, tiny_text_model: Path) -> None:
-    model, _, _, batch = _tiny_model(shapes_store, tiny_text_model)
+    model, _, _, batch, _ = _tiny_model(shapes_store, tiny_text_model)
     v = model.encode_video(batch.video, batch.video_mask)
     t = model.encode_text(batch.input_ids, batch.attention_mask)
     torch.testing.assert_close(v.norm(dim=-1), torch.ones(8))
@@ -85,7 +86,7 @@ def test_embeddings_are_normalised(shapes_store: Path, tiny_text_model: Path) ->
 
 
 def test_frozen_text_encoder_caches_exactly_what_it_computes(shapes_store: Path, tiny_text_model: Path) -> None:
-    model, tokenizer, _, batch = _tiny_model(shapes_store, tiny_text_model, trainable=0)
+    model, tokenizer, _, batch, _ = _tiny_model(shapes_store, tiny_text_model, trainable=0)
     assert not any(p.requires_grad for p in model.text.backbone.parameters())
     model.train()
     first = model.text(batch.input_ids, batch.attention_mask)
@@ -131,7 +132,7 @@ def test_unreachable_text_model_is_a_user_error() -> None:
 @pytest.mark.parametrize("mask", ["none", "identity", "full", "cross"])
 def test_every_trainable_parameter_gets_a_gradient(shapes_store: Path, tiny_text_model: Path, mask: str) -> None:
     """DistributedDataParallel fails at the second step if a trainable parameter gets no gradient."""
-    model, *_, batch = _tiny_model(shapes_store, tiny_text_model, mask=mask)
-    model(batch)["loss"].backward()
+    model, *_, batch, objective = _tiny_model(shapes_store, tiny_text_model, mask=mask)
+    objective(batch)["loss"].backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, unused

@@ -13,6 +13,7 @@ import fixtures
 from ssbctl.config import LossConfig, load_model_config
 from ssbctl.data.loader import Collate
 from ssbctl.model.ssb import build_model
+from ssbctl.objective.step import SSBObjective
 from ssbctl.core.paths import shipped_configs
 
 FAMILY = {"t5": "t5", "clip": "clip"}
@@ -47,11 +48,12 @@ def test_model_config_builds_at_tiny_size_and_every_trainable_parameter_learns(
         text=dataclasses.replace(cfg.text, pretrained=str(text_models[_family(cfg.text.pretrained)]), max_tokens=12),
         decoder=dataclasses.replace(cfg.decoder, hidden_dim=16, layers=1, heads=2))
     torch.manual_seed(0)
-    model, tokenizer, resolved = build_model(tiny, LossConfig(contrastive=contrastive), (24, 12), CAPTIONS)
+    loss = LossConfig(contrastive=contrastive)
+    model, tokenizer, resolved = build_model(tiny, loss, (24, 12), CAPTIONS)
     assert resolved.video.input_dims == (24, 12)
     items = [([torch.randn(5, 24), torch.randn(3, 12)], c, i // 2) for i, c in enumerate(CAPTIONS)]
     batch = Collate(tokenizer, 12)(items)
-    terms = model(batch)
+    terms = SSBObjective(model, loss)(batch)
     assert torch.isfinite(terms["loss"]) and ("caption_loss" in terms) == (support.mask != "none")
     terms["loss"].backward()
     assert model.text.proj.weight.grad is not None

@@ -150,7 +150,7 @@ def broken_run(shapes_store: Path, tiny_text_model: Path, tmp_path_factory: pyte
     from ssbctl.config import load_recipe
     from ssbctl.data.store import FeatureStore
     from ssbctl.inference.run import load_run
-    from ssbctl.engine.trainer import train
+    from ssbctl.training import train
     from ssbctl.retrieval.build import index_store
 
     root = tmp_path_factory.mktemp("broken")

@@ -10,7 +10,8 @@ import torch
 
 from ssbctl.engine.checkpoint import latest_checkpoint, remap_optimizer_state
 from ssbctl.engine.train_setup import resolve_recipe
-from ssbctl.engine.trainer import Trainer, train
+from ssbctl.engine.trainer import Trainer
+from ssbctl.training import train
 from ssbctl.core.errors import UserError
 from ssbctl.core.io import read_jsonl
 

@@ -84,7 +84,7 @@ def tiny_run(shapes_store: Path, tiny_text_model: Path, tmp_path_factory: pytest
     """A run trained for 2 steps."""
     from conftest import tiny_overrides
     from ssbctl.config import load_recipe
-    from ssbctl.engine.trainer import train
+    from ssbctl.training import train
 
     root = tmp_path_factory.mktemp("tiny_run")
     extra = {"train.max_steps": 2, "data.eval_split": ""}

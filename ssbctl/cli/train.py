@@ -44,7 +44,7 @@ def train(
     from ssbctl.core.distributed import DistInfo
     from ssbctl.cli.torchrun import launch_torchrun
     from ssbctl.engine.train_setup import preflight, resolve_recipe
-    from ssbctl.engine.trainer import train as run_training
+    from ssbctl.training import train as run_training
     from ssbctl.core.io import check_output, lock_env, output_lock, output_path
 
     resolved, run_dir = resolve_recipe(recipe, overrides or [], output, resume)

@@ -7,12 +7,12 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ssbctl.data.store import FeatureStore
+from ssbctl.data.store import Store
 from ssbctl.core.errors import DataError, UserError
 from ssbctl.data.batch import Batch
 
 
-def split_pairs(store: FeatureStore, split: str) -> list[tuple[int, str]]:
+def split_pairs(store: Store, split: str) -> list[tuple[int, str]]:
     """The (video position in the split, caption) pairs of a split, from the store's lists alone."""
     index = {v["video_id"]: i for i, v in enumerate(store.split_videos(split))}
     return [(index[c["video_id"]], c["caption"]) for c in store.split_captions(split) if c["video_id"] in index]
@@ -30,7 +30,7 @@ def check_global_batch(batch_size: int, pairs: int, world: int = 1, split: str =
                         f"(video, caption) pairs of {split}; lower train.batch_size")
 
 
-def check_finite_features(store: FeatureStore, videos: list[dict[str, Any]],
+def check_finite_features(store: Store, videos: list[dict[str, Any]],
                           features: list[list[torch.Tensor]], split: str) -> None:
     """Raise a DataError naming the store and the count when any video's features hold NaN or Inf.
 
@@ -47,7 +47,7 @@ def check_finite_features(store: FeatureStore, videos: list[dict[str, Any]],
 class PairDataset(Dataset):
     """Every (video, caption) pair of one split, with the videos' features held in memory."""
 
-    def __init__(self, store: FeatureStore, split: str) -> None:
+    def __init__(self, store: Store, split: str) -> None:
         self.videos = store.split_videos(split)
         self.features = store.load_experts(self.videos)  # [expert][video] (T, dim)
         check_finite_features(store, self.videos, self.features, split)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -212,28 +212,85 @@ class FeatureStore:
         return [self.load_features(videos)]
 
 
-class ExpertStores(FeatureStore):
-    """A main store (captions, splits, protocol) plus stores of other backbones for the same
-    videos, each one more expert for the video encoder."""
+class Store(Protocol):
+    """What readers of prepared data use: one :class:`FeatureStore` or :class:`ExpertStores`."""
+
+    @property
+    def root(self) -> Path: ...
+    @property
+    def manifest(self) -> dict[str, Any]: ...
+    @property
+    def videos(self) -> list[dict[str, Any]]: ...
+    @property
+    def captions(self) -> list[dict[str, Any]]: ...
+    @property
+    def ks(self) -> tuple[int, ...]: ...
+    @property
+    def feature_dims(self) -> tuple[int, ...]: ...
+    def split_videos(self, split: str) -> list[dict[str, Any]]: ...
+    def split_captions(self, split: str) -> list[dict[str, Any]]: ...
+    def expert_specs(self) -> list[dict[str, Any]]: ...
+    def load_experts(self, videos: list[dict[str, Any]]) -> list[list[torch.Tensor]]: ...
+
+
+class ExpertStores:
+    """A main store plus stores of other backbones for the same videos, each one more expert for
+    the video encoder. Videos, captions, splits and the protocol are the main store's."""
 
     def __init__(self, roots: list[Path]) -> None:
-        super().__init__(roots[0])
+        self.main = FeatureStore(roots[0])
         self.extra = [FeatureStore(r) for r in roots[1:]]
         for other in self.extra:
-            missing = {v["video_id"] for v in self.videos} - {v["video_id"] for v in other.videos}
+            missing = {v["video_id"] for v in self.main.videos} - {v["video_id"] for v in other.videos}
             if missing:
                 raise UserError(f"{other.root} lacks {len(missing)} videos of {self.root} "
                                 f"(e.g. {sorted(missing)[0]}); prepare every expert from the same data")
 
     @property
+    def root(self) -> Path:
+        """The main store's folder."""
+        return self.main.root
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The main store's manifest."""
+        return self.main.manifest
+
+    @property
+    def videos(self) -> list[dict[str, Any]]:
+        """The main store's video records."""
+        return self.main.videos
+
+    @property
+    def captions(self) -> list[dict[str, Any]]:
+        """The main store's caption records."""
+        return self.main.captions
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """The recall cut-offs of the main store's protocol."""
+        return self.main.ks
+
+    def split_videos(self, split: str) -> list[dict[str, Any]]:
+        """Video records of one split of the main store."""
+        return self.main.split_videos(split)
+
+    def split_captions(self, split: str) -> list[dict[str, Any]]:
+        """Caption records of one split of the main store."""
+        return self.main.split_captions(split)
+
+    @property
     def feature_dims(self) -> tuple[int, ...]:
-        return (self.feature_dim, *(o.feature_dim for o in self.extra))
+        """Feature size of each expert, the main store's first."""
+        return tuple(store.feature_dim for store in (self.main, *self.extra))
 
     def expert_specs(self) -> list[dict[str, Any]]:
-        return [spec for store in (self, *self.extra) for spec in FeatureStore.expert_specs(store)]
+        """Backbone and sampling of each expert, the main store's first."""
+        return [spec for store in (self.main, *self.extra) for spec in store.expert_specs()]
 
     def load_experts(self, videos: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
-        out = [self.load_features(videos)]
+        """Features of ``videos`` (main-store records) per expert: ``[expert][video]`` of ``(T, dim)``."""
+        out = [self.main.load_features(videos)]
         for other in self.extra:
             rows = {v["video_id"]: v for v in other.videos}
             out.append(other.load_features([rows[v["video_id"]] for v in videos]))

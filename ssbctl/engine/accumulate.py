@@ -18,13 +18,14 @@ import torch
 
 from ssbctl.data.batch import Batch
 from ssbctl.engine.rng import rng_states, set_rng_states
-from ssbctl.model.ssb import SSBModel
+from ssbctl.objective.step import SSBObjective
 
 
-def accumulated_backward(model: SSBModel, batch: Batch, micro_batches: int,
+def accumulated_backward(objective: SSBObjective, batch: Batch, micro_batches: int,
                          scale: Callable[[torch.Tensor], torch.Tensor], autocast: Any) -> dict[str, torch.Tensor]:
     """Backpropagate the full-batch loss through ``micro_batches`` pieces; return the loss terms.
 
+    ``objective`` embeds with its model and computes the loss apart (never its own forward);
     ``scale`` is the GradScaler's ``scale`` (identity without fp16); ``autocast`` a context factory.
     """
     size = batch.input_ids.shape[0]
@@ -35,20 +36,20 @@ def accumulated_backward(model: SSBModel, batch: Batch, micro_batches: int,
         for lo, hi in bounds:
             states.append(rng_states(device))
             with autocast():
-                v, t = model.embed(batch.slice(lo, hi))
+                v, t = objective.model.embed(batch.slice(lo, hi))
             videos.append(v)
             texts.append(t)
     after = rng_states(device)
     video = torch.cat(videos).detach().requires_grad_(True)  # (B, D) leaves
     text = torch.cat(texts).detach().requires_grad_(True)
     with autocast():
-        terms = model.loss_from_embeddings(video, text, batch)
+        terms = objective.loss_from_embeddings(video, text, batch)
     scale(terms["loss"]).backward()
     assert video.grad is not None and text.grad is not None  # leaves that the loss used
     for (lo, hi), state in zip(bounds, states):
         set_rng_states(state)
         with autocast():
-            v, t = model.embed(batch.slice(lo, hi))
+            v, t = objective.model.embed(batch.slice(lo, hi))
         torch.autograd.backward([v, t], [video.grad[lo:hi], text.grad[lo:hi]])
     set_rng_states(after)
     return terms

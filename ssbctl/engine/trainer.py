@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from ssbctl.config import Recipe, TrainConfig
 from ssbctl.data.loader import (Collate, EpochBatchSampler, PairDataset, check_finite_features, check_global_batch,
                                 split_pairs)
-from ssbctl.data.store import FeatureStore
+from ssbctl.data.store import Store
 from ssbctl.engine.accumulate import accumulated_backward
 from ssbctl.engine.rng import rng_states, set_rng_states
 from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, remap_optimizer_state,
@@ -32,15 +32,20 @@ from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, loa
 from ssbctl.core.distributed import any_rank, average_gradients, barrier, gather_objects, in_group, setup, teardown
 from ssbctl.engine.run import build_run_model, check_store_fits, read_run_recipe, write_recipe, write_run_files
 from ssbctl.core.errors import DataError, TrainingError, UserError
-from ssbctl.evaluation.evaluate import evaluate_split
 from ssbctl.core.io import append_jsonl, atomic_write_text, jsonl_text, read_jsonl
 from ssbctl.data.batch import Batch
 from ssbctl.model.ssb import SSBModel, build_model
+from ssbctl.objective.step import SSBObjective
 from ssbctl.data.store import open_stores
 from ssbctl.core.validate import field as require
 
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"
+
+
+# Per-epoch validation, ``(model, tokenizer, store, split, device) -> metrics`` (with ``t2v``'s R1, R5,
+# R10, MdR), e.g. ``ssbctl.evaluation.evaluate.evaluate_split``: passed in, the engine sits below it.
+Evaluate = Callable[[SSBModel, Any, Store, str, torch.device], dict[str, Any]]
 
 
 class Reporter(Protocol):
@@ -113,7 +118,7 @@ def build_optimizer(model: SSBModel, cfg: TrainConfig) -> torch.optim.AdamW:
          for (pretrained, no_decay), ps in _param_groups(model).items()])
 
 
-def check_training_batch(recipe: Recipe, store: FeatureStore, world: int) -> None:
+def check_training_batch(recipe: Recipe, store: Store, world: int) -> None:
     """Refuse a recipe whose global batch the training split cannot fill or the processes cannot share."""
     split = recipe.data.train_split
     pairs = len(split_pairs(store, split))
@@ -128,13 +133,14 @@ COMPILE_UNUSED = ("train.compile = true has no effect with train.accum_steps > 1
                   "runs the encoders outside the compiled forward, so training runs uncompiled")
 
 
-
 class Trainer:
-    """Trains ``recipe`` into ``run_dir``; ``fit`` runs to the end or until stopped by a signal."""
+    """Trains ``recipe`` into ``run_dir``; ``fit`` runs to the end or until stopped by a signal.
+    ``evaluate``, when given, validates on ``data.eval_split`` after every epoch (``metrics.jsonl``)."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, resume: bool = False,
-                 reporter: Reporter | None = None) -> None:
+                 reporter: Reporter | None = None, evaluate: Evaluate | None = None) -> None:
         self.cfg = recipe.train
+        self.evaluate = evaluate
         self.run_dir = Path(run_dir)
         self.dist, self.device = setup(self.cfg.device)
         self.reporter = (reporter or SilentReporter()) if self.dist.is_main else SilentReporter()
@@ -143,7 +149,7 @@ class Trainer:
         check_training_batch(recipe, self.store, self.dist.world)  # before loading features or models
         check_splits(self.store, recipe)  # before any work: a misspelled eval split would cost an epoch
         self.dataset = PairDataset(self.store, recipe.data.train_split)  # checks its features are finite
-        if recipe.data.eval_split:  # so can the evaluation after every epoch
+        if recipe.data.eval_split and evaluate is not None:  # so can the evaluation after every epoch
             videos = self.store.split_videos(recipe.data.eval_split)
             check_finite_features(self.store, videos, self.store.load_experts(videos), recipe.data.eval_split)
         checkpoint = self._checkpoint_to_resume(resume)
@@ -161,8 +167,9 @@ class Trainer:
             model, self.tokenizer = build_run_model(self.run_dir, recipe)
         barrier()
         self.recipe = recipe
-        self.module: SSBModel = model.to(self.device)
-        self.model = self._wrap(self.module)
+        self.module: SSBModel = model.to(self.device)  # what checkpoints save and the optimizer trains
+        self.objective = SSBObjective(self.module, recipe.loss)  # forward(batch) -> the loss terms
+        self.model = self._wrap(self.objective)
         self.sampler = EpochBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed,
                                          self.dist.rank, self.dist.world)
         self.steps_per_epoch = len(self.sampler.batches())
@@ -187,15 +194,16 @@ class Trainer:
 
     # ------------------------------------------------------------ setup and state
 
-    def _wrap(self, module: SSBModel) -> torch.nn.Module:
-        """DistributedDataParallel under torchrun, then ``torch.compile`` if the recipe asks."""
+    def _wrap(self, module: SSBObjective) -> torch.nn.Module:
+        """The objective in DistributedDataParallel under torchrun, then ``torch.compile`` if the
+        recipe asks (its forward is the one that uses every trained parameter)."""
         model: torch.nn.Module = module
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
         if self.cfg.compile and self.cfg.accum_steps > 1:
             warnings.warn(COMPILE_UNUSED, stacklevel=2)
-            return model  # accumulation calls the module's embed and loss itself, never this forward
+            return model  # accumulation calls the model's embed and the loss itself, never this forward
         # torch.compile's stubs promise a callable; given a Module it returns one (OptimizedModule).
         return torch.compile(model) if self.cfg.compile else model  # type: ignore[return-value]
 
@@ -388,7 +396,7 @@ class Trainer:
                 terms = self.model(batch)
             self.scaler.scale(terms["loss"]).backward()
             return terms
-        terms = accumulated_backward(self.module, batch, self.cfg.accum_steps, self.scaler.scale, self._autocast)
+        terms = accumulated_backward(self.objective, batch, self.cfg.accum_steps, self.scaler.scale, self._autocast)
         average_gradients(self.module.parameters())  # DDP's hooks only follow its own forward
         return terms
 
@@ -421,8 +429,8 @@ class Trainer:
     def _end_of_epoch(self) -> dict[str, Any] | None:
         result = None
         split = self.recipe.data.eval_split
-        if split and self.dist.is_main:
-            result = evaluate_split(self.module, self.tokenizer, self.store, split, self.device)
+        if split and self.evaluate is not None and self.dist.is_main:
+            result = self.evaluate(self.module, self.tokenizer, self.store, split, self.device)
             append_jsonl(self.run_dir / METRICS_FILE,
                          {"step": self.state.step, "epoch": self.state.epoch, "eval": result})
             t2v = result["t2v"]
@@ -478,15 +486,15 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
-def train(recipe: Recipe, run_dir: Path, resume: bool = False,
-          reporter: Reporter | None = None) -> dict[str, Any]:
-    """Train ``recipe`` into ``run_dir`` (continuing its latest checkpoint with ``resume``).
+def train(recipe: Recipe, run_dir: Path, resume: bool = False, reporter: Reporter | None = None,
+          evaluate: Evaluate | None = None) -> dict[str, Any]:
+    """Train ``recipe`` into ``run_dir`` (continuing its latest checkpoint with ``resume``; see ``Trainer``).
 
     Under torchrun, the process group this call joins is left before it returns (or raises):
     every rank passed the last barrier of ``fit``, and a process must not exit with gloo alive."""
     joins = not in_group()
     try:
-        return Trainer(recipe, run_dir, resume, reporter).fit()
+        return Trainer(recipe, run_dir, resume, reporter, evaluate).fit()
     finally:
         if joins:
             teardown()

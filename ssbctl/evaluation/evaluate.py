@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ssbctl.data.loader import check_finite_features
-from ssbctl.data.store import FeatureStore
+from ssbctl.data.store import Store
 from ssbctl.evaluation.metrics import retrieval_metrics
 from ssbctl.model.embed import embed_features, embed_texts, require_finite
 from ssbctl.model.ssb import SSBModel
@@ -24,7 +24,7 @@ class SplitEmbeddings:
 
 
 @torch.no_grad()
-def embed_split(model: SSBModel, tokenizer: Any, store: FeatureStore, split: str,
+def embed_split(model: SSBModel, tokenizer: Any, store: Store, split: str,
                 device: torch.device) -> SplitEmbeddings:
     """Embed every video and caption of ``split``."""
     was_training = model.training
@@ -42,7 +42,7 @@ def embed_split(model: SSBModel, tokenizer: Any, store: FeatureStore, split: str
     return result
 
 
-def evaluate_split(model: SSBModel, tokenizer: Any, store: FeatureStore, split: str,
+def evaluate_split(model: SSBModel, tokenizer: Any, store: Store, split: str,
                    device: torch.device, source: str | None = None) -> dict[str, Any]:
     """The metrics object of DESIGN.md for one split. With ``source`` (the run, for the message),
     non-finite embeddings are a DataError; without, their scores rank last."""

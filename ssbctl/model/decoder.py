@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 from ssbctl.config import DecoderConfig
-from ssbctl.objective.losses import IGNORE_INDEX
 
+IGNORE_INDEX = -100  # the target of a padding position: the caption loss ignores it
 UNK, BOS = 0, 1  # decoder-vocabulary ids reserved before the tokenizer's tokens
 
 

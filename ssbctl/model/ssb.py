@@ -1,4 +1,5 @@
-"""The SSB model: contrastive video-text embedding plus support-set caption reconstruction."""
+"""The SSB model: video and text embeddings plus support-set caption reconstruction (the losses
+are the objective layer's)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssbctl.config import LossConfig, ModelConfig
-from ssbctl.core.distributed import gather_no_grad, gather_with_grad, global_offset
 from ssbctl.data.batch import Batch
-from ssbctl.objective.losses import SSBLoss, fp32_or_wider
 from ssbctl.model.decoder import CaptionDecoder, decoder_vocab
 from ssbctl.model.support_set import SupportSetBottleneck
 from ssbctl.model.text_encoder import TextEncoder, load_text_backbone
+from ssbctl.model.precision import fp32_or_wider
 from ssbctl.model.video_encoder import VideoEncoder
 
 
 class SSBModel(nn.Module):
     """Video encoder, text encoder, learned temperature, and (unless the mask is ``none``) the
-    support-set bottleneck with its caption decoder. ``forward`` returns named loss terms.
+    support-set bottleneck with its caption decoder.
+
+    A plain module: it returns embeddings, support-set memory and caption logits. The training
+    objective (``ssbctl.objective.SSBObjective``) gathers them across ranks and turns them into
+    loss terms; the temperature is a parameter here so checkpoints keep one layout.
 
     Every parameter that requires grad gets a gradient from the configured objective: under
     DistributedDataParallel one that gets none fails the second step.
@@ -32,13 +36,13 @@ class SSBModel(nn.Module):
                  tokenizer_size: int, vocab: torch.Tensor | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.contrastive = loss.contrastive
         self.video = VideoEncoder(cfg.video, cfg.embed_dim)
         self.text = TextEncoder(cfg.text, cfg.embed_dim, text_backbone)
         # Only InfoNCE uses the temperature. Under max-margin it stays in the weights (checkpoints
         # keep one layout whatever the loss) but is frozen, so nothing expects a gradient for it.
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / loss.init_temperature)),
                                             requires_grad=loss.contrastive == "infonce")
-        self.loss = SSBLoss(loss)
         self.support: SupportSetBottleneck | None = None
         self.decoder: CaptionDecoder | None = None
         if cfg.support.mask != "none":
@@ -48,7 +52,7 @@ class SSBModel(nn.Module):
     @property
     def temperature(self) -> float | None:
         """The learned InfoNCE temperature (unclamped); None when the contrastive loss has none."""
-        if self.loss.cfg.contrastive != "infonce":
+        if self.contrastive != "infonce":
             return None
         return float(torch.exp(-self.log_logit_scale.detach()))
 
@@ -60,29 +64,25 @@ class SSBModel(nn.Module):
         """L2-normalised text embeddings ``(B, D)``."""
         return F.normalize(fp32_or_wider(self.text(input_ids, attention_mask)), dim=-1)
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """``{"loss", "contrastive_loss"[, "caption_loss"]}`` for one batch.
-
-        Under torchrun the embeddings of all ranks are gathered (with gradients), so negatives and
-        the support set span the global batch; each rank decodes its own captions.
-        """
-        return self.loss_from_embeddings(*self.embed(batch), batch)
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised video and text embeddings ``(B, D)`` of a batch (the same as :meth:`embed`)."""
+        return self.embed(batch)
 
     def embed(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised video and text embeddings ``(B, D)`` of a batch."""
         return (self.encode_video(batch.video, batch.video_mask),
                 self.encode_text(batch.input_ids, batch.attention_mask))
 
-    def loss_from_embeddings(self, video: torch.Tensor, text: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        """The loss terms given the batch's embeddings (the support set, decoder and losses)."""
-        all_video, all_text = gather_with_grad(video), gather_with_grad(text)  # (G, D): global batch
-        all_ids = gather_no_grad(batch.video_index)  # (G,)
-        logits = targets = None
-        if self.support is not None and self.decoder is not None:
-            memory, _ = self.support(video, batch.video_index, all_video, all_ids,
-                                     global_offset(video.shape[0]))  # (B, slots, W)
-            logits, targets = self.decoder(batch.input_ids, batch.attention_mask, memory)
-        return self.loss(all_text, all_video, all_ids, self.log_logit_scale, logits, targets)
+    def reconstruct(self, video: torch.Tensor, batch: Batch, support: torch.Tensor, support_ids: torch.Tensor,
+                    offset: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Caption logits ``(B, L, V)`` and targets ``(B, L)`` of the batch's captions, each decoded
+        from the support-set memory of ``video`` (this batch's embeddings) attending to ``support``
+        (``(S, D)``, with video ids ``support_ids``; the global batch under torchrun, where this
+        batch starts at ``offset``). None when the model has no support set."""
+        if self.support is None or self.decoder is None:
+            return None
+        memory, _ = self.support(video, batch.video_index, support, support_ids, offset)  # (B, slots, W)
+        return self.decoder(batch.input_ids, batch.attention_mask, memory)
 
 
 def caption_token_ids(tokenizer: Any, captions: list[str], max_tokens: int) -> list[int]:

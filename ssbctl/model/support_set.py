@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssbctl.config import SupportSetConfig
-from ssbctl.objective.losses import fp32_or_wider
+from ssbctl.model.precision import fp32_or_wider
 
 
 def support_mask(kind: str, query_ids: torch.Tensor, support_ids: torch.Tensor | None = None,

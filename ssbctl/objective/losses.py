@@ -15,14 +15,11 @@ import torch.nn.functional as F
 
 from ssbctl.config import LossConfig
 from ssbctl.core.distributed import world
+from ssbctl.model.decoder import IGNORE_INDEX
+from ssbctl.model.precision import fp32_or_wider
 
-IGNORE_INDEX = -100
-
-
-def fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32, or unchanged when wider: AMP's half-precision outputs are promoted for the
-    similarities and losses, while a float64 model (for numerical checks) stays in float64."""
-    return x if x.dtype == torch.float64 else x.float()
+__all__ = ["IGNORE_INDEX", "SSBLoss", "caption_loss", "fp32_or_wider", "infonce_loss", "max_margin_loss",
+           "same_video"]
 
 
 def same_video(video_ids: torch.Tensor) -> torch.Tensor:

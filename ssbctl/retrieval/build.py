@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ssbctl.core.errors import UserError
 from ssbctl.data.loader import check_finite_features
-from ssbctl.data.store import FeatureStore
+from ssbctl.data.store import Store
 from ssbctl.data.video import DecodeError, Sampling, read_frames, thumbnail_png
 from ssbctl.inference.run import LoadedRun
 from ssbctl.retrieval.index import Index, index_meta, thumb_name
@@ -19,7 +19,7 @@ def _thumbnail(path: str) -> bytes | None:
         return None
 
 
-def index_store(run: LoadedRun, store: FeatureStore, splits: list[str] | None = None,
+def index_store(run: LoadedRun, store: Store, splits: list[str] | None = None,
                 thumbnails: bool = True) -> Index:
     """Embed every video of ``splits`` (all splits when None) of a prepared store; a thumbnail is
     taken from each source video that is still on disk."""
