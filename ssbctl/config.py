@@ -8,6 +8,7 @@ key, so a typo never trains silently with a default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import tomllib
@@ -31,6 +32,12 @@ def _min(default: float | int, low: float | int) -> Any:
     return field(default=default, metadata={"min": low})
 
 
+def _recorded(default: Any) -> Any:
+    """A value training derives (from the prepared data or the tokenizer) and records in the run's
+    ``run.json``: never set in a recipe, where it would only be overwritten."""
+    return field(default=default, metadata={"recorded": True})
+
+
 @dataclass(frozen=True)
 class VideoEncoderConfig:
     """Temporal transformer over per-frame features of one or more frozen backbones (experts)."""
@@ -40,7 +47,7 @@ class VideoEncoderConfig:
     heads: int = _min(4, 1)  # attention heads; must divide hidden_dim
     max_frames: int = _min(64, 1)  # length of the learned position table
     dropout: float = _min(0.1, 0.0)  # dropout inside the transformer
-    input_dims: tuple[int, ...] = ()  # feature size per expert; () = read from the prepared data
+    input_dims: tuple[int, ...] = _recorded(())  # recorded: feature size per expert, from the prepared data
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class DecoderConfig:
     heads: int = _min(4, 1)  # attention heads; must divide hidden_dim
     dropout: float = _min(0.1, 0.0)  # dropout inside the decoder
     vocab: str = _choice("train", ("train", "full"))  # train: tokens seen in training captions
-    vocab_size: int = _min(0, 0)  # resolved at training time; 0 = not yet known
+    vocab_size: int = _recorded(0)  # recorded: decoder vocabulary size, from the captions; 0 = not yet known
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,8 @@ class TrainConfig:
     precision: str = _choice("bf16", ("bf16", "fp16", "fp32"))  # AMP on CUDA; CPU always fp32
     device: str = _choice("auto", DEVICES)  # auto: CUDA when present
     compile: bool = False  # wrap the model in torch.compile
+    # torch.compile's backend: inductor generates kernels (minutes to compile on a CPU); eager only traces
+    compile_backend: str = _choice("inductor", ("inductor", "aot_eager", "eager"))
     seed: int = 0  # seeds data order, initialisation and dropout
     log_every: int = _min(10, 1)  # steps between metrics.jsonl lines
     ckpt_every: int = _min(0, 0)  # steps between checkpoints; 0 = at the end of each epoch
@@ -166,8 +175,11 @@ def _check_type(key: str, value: Any, kind: Any) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", recorded: bool = False) -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types.
+
+    Recorded fields (see :func:`_recorded`) are accepted only with ``recorded``: when reading what
+    a run wrote, never from a user's recipe or ``--set``."""
     if not isinstance(data, dict):
         raise UserError(f"recipe key '{prefix.rstrip('.')}' must be a table, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -179,10 +191,13 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             raise UserError(f"unknown recipe key '{key}'")
         kind = hints[name]
         if isinstance(kind, type) and dataclasses.is_dataclass(kind):
-            kwargs[name] = from_dict(kind, value, key + ".")
+            kwargs[name] = from_dict(kind, value, key + ".", recorded)
             continue
-        value = _check_type(key, value, kind)
         meta = fields[name].metadata
+        if meta.get("recorded") and not recorded:
+            raise UserError(f"recipe key '{key}' is recorded by training (in the run's run.json), not set "
+                            "in a recipe; remove it")
+        value = _check_type(key, value, kind)
         if "choices" in meta and value not in meta["choices"]:
             raise UserError(f"recipe key '{key}' must be one of {', '.join(meta['choices'])}, got {value!r}")
         if "min" in meta and value < meta["min"]:
@@ -253,8 +268,10 @@ def model_dict(name: str) -> dict[str, Any]:
     """The raw table of a registered model config (by name or path)."""
     path = find_config("models", name)
     data = read_toml(path)
-    data.setdefault("name", path.stem)
-    return data
+    if "name" in data:
+        raise UserError(f"{path}: a model config has no 'name' key (its name is its file name, "
+                        f"{path.stem!r}); remove it")
+    return {**data, "name": path.stem}
 
 
 def build_model_config(data: dict[str, Any]) -> ModelConfig:
@@ -307,8 +324,35 @@ def recipe_from_dict(raw: dict[str, Any], resolve_model: bool = True) -> Recipe:
     if not isinstance(model, dict):
         raise UserError(f"recipe key 'model' must be a table, got {model!r}")
     recipe = from_dict(Recipe, raw)
-    model_cfg = build_model_config(model) if resolve_model else from_dict(ModelConfig, model, "model.")
+    model_cfg = build_model_config(model) if resolve_model else from_dict(ModelConfig, model, "model.", True)
     return check_recipe(dataclasses.replace(recipe, model=model_cfg))
+
+
+def recorded_paths(cls: type = Recipe, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The key paths of every recorded field under ``cls`` (``("model", "video", "input_dims")``...)."""
+    out: list[tuple[str, ...]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            out += recorded_paths(kind, prefix + (f.name,))
+        elif f.metadata.get("recorded"):
+            out.append(prefix + (f.name,))
+    return out
+
+
+def split_recorded(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A recipe dict as (what a user can set, the recorded values), both nested dicts."""
+    user = copy.deepcopy(data)
+    recorded: dict[str, Any] = {}
+    for path in recorded_paths():
+        node, out = user, recorded
+        for part in path[:-1]:
+            node = node.get(part, {})
+            out = out.setdefault(part, {})
+        if path[-1] in node:
+            out[path[-1]] = node.pop(path[-1])
+    return user, recorded
 
 
 def dump_toml(data: dict[str, Any], header: str = "") -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import tomllib
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 from ssbctl.config import (Recipe, dump_toml, load_model_config, load_recipe, parse_override,
                            recipe_from_dict, to_dict)
 from ssbctl.data.datasets import dataset_spec
+from ssbctl.engine.run import read_run_recipe, write_recipe
 from ssbctl.core.errors import UserError
 from ssbctl.core.paths import find_config, shipped_configs
 
@@ -116,11 +119,60 @@ def test_int_accepted_where_float_expected() -> None:
     assert load_recipe("shapes", ["train.lr=1"]).train.lr == 1.0
 
 
+def _with_recorded(recipe: Recipe) -> Recipe:
+    """``recipe`` as training resolves it: input dims and decoder vocabulary size filled in."""
+    model = recipe.model
+    return dataclasses.replace(recipe, model=dataclasses.replace(
+        model, video=dataclasses.replace(model.video, input_dims=(768, 1024)),
+        decoder=dataclasses.replace(model.decoder, vocab_size=321)))
+
+
 def test_resolved_recipe_round_trips_through_toml() -> None:
-    recipe = load_recipe("shapes", ["model.video.input_dims=[768]", "train.seed=7"])
+    recipe = _with_recorded(load_recipe("shapes", ["train.seed=7"]))
     text = dump_toml(to_dict(recipe), "# header")
     again = recipe_from_dict(tomllib.loads(text), resolve_model=False)
     assert again == recipe
+
+
+@pytest.mark.parametrize("override", ["model.video.input_dims=[768]", "model.decoder.vocab_size=500"])
+def test_recorded_values_are_not_recipe_keys(override: str, tmp_path: Path) -> None:
+    """What training derives (input dims, decoder vocabulary) is refused from a user's recipe or
+    --set, naming the key, instead of being accepted and silently overwritten."""
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=f"recipe key '{key}' is recorded by training"):
+        load_recipe("shapes", [override])
+    table, leaf = key.rsplit(".", 1)
+    path = tmp_path / "mine.toml"
+    path.write_text(f'[data]\nprepared = "x"\n\n[{table}]\n{leaf} = {override.split("=")[1]}\n')
+    with pytest.raises(UserError, match=f"'{key}'"):
+        load_recipe(str(path))
+
+
+def test_run_records_derived_values_apart_from_its_recipe(tmp_path: Path) -> None:
+    """A run's recipe.toml holds only what a user can set; run.json the recorded values; reading
+    the run joins them. A run written before run.json existed still reads (old layout)."""
+    recipe = _with_recorded(load_recipe("shapes", ["train.seed=7"]))
+    write_recipe(tmp_path, recipe)
+    saved = tomllib.loads((tmp_path / "recipe.toml").read_text())
+    assert "input_dims" not in saved["model"]["video"] and "vocab_size" not in saved["model"]["decoder"]
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["recorded"] == {"model": {"video": {"input_dims": [768, 1024]}, "decoder": {"vocab_size": 321}}}
+    assert read_run_recipe(tmp_path) == recipe
+    assert load_recipe(str(tmp_path / "recipe.toml")).model.video.input_dims == ()  # a run's recipe is a recipe
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "recipe.toml").write_text(dump_toml(to_dict(recipe)))
+    assert read_run_recipe(old) == recipe
+
+
+def test_a_model_config_has_no_name_key(tmp_path: Path) -> None:
+    """A model config's name is its file name: a ``name`` inside it would be overwritten."""
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "other"\nembed_dim = 32\n')
+    with pytest.raises(UserError, match="has no 'name' key"):
+        load_model_config(str(path))
+    path.write_text("embed_dim = 32\n")
+    assert load_model_config(str(path)).name == str(path)  # what the user named it by
 
 
 def test_unknown_recipe_and_model_names_are_user_errors() -> None:

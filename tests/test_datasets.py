@@ -146,3 +146,34 @@ def test_hf_automodel_backbone_and_imported_features(tmp_path: Path, tiny_vit: P
     assert imported.manifest["backbone"]["name"] == "imported"
     for a, b in zip(store.load_features(store.videos), imported.load_features(imported.videos)):
         assert torch.equal(a, b)
+
+
+def test_shapes_clips_are_the_same_bytes_every_time(tmp_path: Path) -> None:
+    """Same spec and seed, same files: the demo's numbers depend on it. x264's macroblock-tree rate
+    control made about 1 clip in 10 differ between runs on a loaded machine."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ssbctl.data.datasets.shapes import ShapesSpec, generate
+
+    spec = ShapesSpec(num_videos=16)
+
+    def digests(root: Path) -> list[str]:
+        generate(root, spec)
+        return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((root / "videos").glob("*.mp4"))]
+
+    with ThreadPoolExecutor(3) as pool:  # side by side, as under load
+        runs = list(pool.map(digests, [tmp_path / "a", tmp_path / "b", tmp_path / "c"]))
+    assert len(runs[0]) == 16 and runs[0] == runs[1] == runs[2]
+
+
+def test_imported_features_are_a_source_that_computes_nothing() -> None:
+    """Imported features have no ``encode``: they are a FeatureSource, not a Backbone whose
+    encode raises."""
+    from ssbctl.data.backbone import Backbone, FeatureSource
+    from ssbctl.data.backbones import ImportedFeatures, PixelsBackbone
+
+    imported = ImportedFeatures(12, "/feats")
+    assert isinstance(imported, FeatureSource) and not isinstance(imported, Backbone)
+    assert not hasattr(imported, "encode") and imported.options() == {"source": "/feats"}
+    assert isinstance(PixelsBackbone(4), Backbone)

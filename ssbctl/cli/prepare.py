@@ -91,6 +91,7 @@ def prepare(
     """Prepare a dataset: videos -> frame features (safetensors) + captions + failures.jsonl. Resumable."""
     from rich.markup import escape
 
+    from ssbctl.data.backbone import FeatureSource
     from ssbctl.data.backbones import ImportedFeatures, backbone_tag, parse_backbone
     from ssbctl.data.datasets import dataset_spec
     from ssbctl.data.datasets.shapes import ShapesSpec
@@ -121,6 +122,7 @@ def prepare(
             fetch_dataset(dataset, root, urls, sha256, progress=lambda _name: update, limits=limits)
     with progress_bar("generate clips" if dataset == "shapes" else "read annotations") as update:
         items = dataset_items(dataset, root, annotations, ShapesSpec(num_videos=num_videos, seed=seed), update, split)
+    models: list[FeatureSource]
     if features is None:
         models = [parse_backbone(b, pixel_size, device) for b in backbones or ["pixels"]]
     else:

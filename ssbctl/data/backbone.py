@@ -1,4 +1,5 @@
-"""The frame-backbone interface that every expert implements (pixels, CLIP, any image model)."""
+"""Where an expert's per-frame features come from: a backbone that computes them from frames
+(pixels, CLIP, any image model), or features imported as they are from files made elsewhere."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ import numpy as np
 import torch
 
 
-class Backbone(ABC):
-    """Maps uint8 frames ``(T, H, W, 3)`` to float32 features ``(T, dim)``."""
+class FeatureSource(ABC):
+    """An expert's features: ``dim`` floats per frame, described by ``name`` and ``options()``
+    (written to the manifest, so a run knows what its features were)."""
 
     name: str
     dim: int
 
     @abstractmethod
     def options(self) -> dict[str, Any]:
-        """Everything needed to rebuild this backbone (written to the manifest)."""
+        """Everything needed to rebuild this source (written to the manifest)."""
+
+
+class Backbone(FeatureSource):
+    """Maps uint8 frames ``(T, H, W, 3)`` to float32 features ``(T, dim)``."""
 
     @abstractmethod
     def encode(self, frames: np.ndarray) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ssbctl.core.errors import UserError
-from ssbctl.data.backbone import Backbone
+from ssbctl.data.backbone import Backbone, FeatureSource
 from ssbctl.data.hf_backbones import clip_backbone, hf_backbone
 
 
@@ -59,14 +59,15 @@ def parse_backbone(spec: str, pixel_size: int = 16, device: str = "auto") -> Bac
     return build_backbone(name, **({"model": model} if model else {}), device=device)
 
 
-def backbone_tag(backbone: Backbone) -> str:
+def backbone_tag(backbone: FeatureSource) -> str:
     """A short name for folder names: ``pixels``, or the model's last path component."""
     model = backbone.options().get("model")
     return backbone.name if not model else str(model).rstrip("/").rsplit("/", 1)[-1]
 
 
-class ImportedFeatures(Backbone):
-    """Features extracted elsewhere (one ``.npy`` or ``.safetensors`` per video), imported as they are."""
+class ImportedFeatures(FeatureSource):
+    """Features extracted elsewhere (one ``.npy`` or ``.safetensors`` per video), imported as they
+    are: a source with no ``encode`` (nothing to compute), so it cannot embed a new video."""
 
     name = "imported"
 
@@ -75,6 +76,3 @@ class ImportedFeatures(Backbone):
 
     def options(self) -> dict[str, Any]:
         return {"source": self.source}
-
-    def encode(self, frames: np.ndarray) -> torch.Tensor:
-        raise TypeError("imported features are loaded, not computed")

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
-from ssbctl.data.backbone import Backbone
+from ssbctl.data.backbone import Backbone, FeatureSource
 from ssbctl.data.datasets import DatasetOptions, Protocol, VideoItem, dataset_spec
 from ssbctl.data.datasets.shapes import ShapesSpec, generate
 from ssbctl.data.decode_pool import DecodePool, load_features_file
@@ -153,7 +153,7 @@ def _check_settings(root: Path, settings: dict[str, Any]) -> None:
         atomic_write_json(path, settings)
 
 
-def prepare(dataset: str, items: list[VideoItem], backbones: list[Backbone], outs: list[Path],
+def prepare(dataset: str, items: list[VideoItem], backbones: list[FeatureSource], outs: list[Path],
             opts: PrepareOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Prepare this process's shard; merge when every shard is done. Returns a summary."""
     if not 0 <= opts.shard < opts.num_shards:
@@ -187,7 +187,7 @@ def prepare(dataset: str, items: list[VideoItem], backbones: list[Backbone], out
     return summary
 
 
-def _run_shard(items: list[VideoItem], backbones: list[Backbone], work: ShardWork, opts: PrepareOptions,
+def _run_shard(items: list[VideoItem], backbones: list[FeatureSource], work: ShardWork, opts: PrepareOptions,
                progress: Progress | None) -> None:
     todo = [it for it in items if it.video_id not in work.done]
     done = len(items) - len(todo)
@@ -227,10 +227,15 @@ def _check_failures(work: ShardWork, opts: PrepareOptions) -> None:
                         f"see {work.log}")
 
 
-def _encode(backbone: Backbone, frames: Any, imported: bool) -> torch.Tensor:
-    features = torch.from_numpy(frames) if imported else backbone.encode(frames)
-    if imported and features.shape[1] != backbone.dim:
-        raise ValueError(f"feature size {features.shape[1]} is not {backbone.dim}")
+def _encode(source: FeatureSource, frames: Any, imported: bool) -> torch.Tensor:
+    """Features of one video: computed by a backbone, or the imported array itself."""
+    if not imported:
+        if not isinstance(source, Backbone):
+            raise TypeError(f"{source.name} features are imported, not computed from frames")
+        return source.encode(frames)
+    features = torch.from_numpy(frames)
+    if features.shape[1] != source.dim:
+        raise ValueError(f"feature size {features.shape[1]} is not {source.dim}")
     if not torch.isfinite(features).all():
         raise ValueError("non-finite features")
     return features.float()
@@ -340,7 +345,7 @@ def _release_merge_lock(root: Path) -> None:
     (root / LOCK_FILE).unlink(missing_ok=True)
 
 
-def merge(dataset: str, items: list[VideoItem], backbones: list[Backbone], outs: list[Path],
+def merge(dataset: str, items: list[VideoItem], backbones: list[FeatureSource], outs: list[Path],
           opts: PrepareOptions) -> list[dict[str, Any]]:
     """Write the final store of each backbone from all shards, in dataset order; remove the work."""
     root = work_root(outs[0])
@@ -381,7 +386,7 @@ def _remove_work(root: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def prepare_items(items: list[VideoItem], out: Path, dataset: str, backbone: Backbone, sampling: Sampling,
+def prepare_items(items: list[VideoItem], out: Path, dataset: str, backbone: FeatureSource, sampling: Sampling,
                   progress: Progress | None = None, workers: int = 0) -> dict[str, Any]:
     """Prepare ``items`` unsharded with one backbone; the store's manifest plus a ``failed`` list."""
     summary = prepare(dataset, items, [backbone], [Path(out)],

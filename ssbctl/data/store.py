@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ssbctl.data.backbone import Backbone
+from ssbctl.data.backbone import FeatureSource
 from ssbctl.data.video import Sampling
 from ssbctl.core.errors import DataError, UserError
 from ssbctl.core.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, output_path,
@@ -57,7 +57,7 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
 class StoreWriter:
     """Collects features and captions video by video; ``commit`` makes the store appear."""
 
-    def __init__(self, root: Path, dataset: str, backbone: Backbone, sampling: Sampling,
+    def __init__(self, root: Path, dataset: str, backbone: FeatureSource, sampling: Sampling,
                  shard_size: int = 512, protocol: dict[str, Any] | None = None) -> None:
         self.root = output_path(root)
         check_output(self.root, "store")  # before any work: replacing anything but a store loses data

@@ -21,13 +21,19 @@ from ssbctl.engine.rng import rng_states, set_rng_states
 from ssbctl.objective.step import SSBObjective
 
 
+Embed = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
+
+
 def accumulated_backward(objective: SSBObjective, batch: Batch, micro_batches: int,
-                         scale: Callable[[torch.Tensor], torch.Tensor], autocast: Any) -> dict[str, torch.Tensor]:
+                         scale: Callable[[torch.Tensor], torch.Tensor], autocast: Any,
+                         embed: Embed | None = None) -> dict[str, torch.Tensor]:
     """Backpropagate the full-batch loss through ``micro_batches`` pieces; return the loss terms.
 
-    ``objective`` embeds with its model and computes the loss apart (never its own forward);
-    ``scale`` is the GradScaler's ``scale`` (identity without fp16); ``autocast`` a context factory.
+    ``objective`` computes the loss apart from embedding (never its own forward); ``embed`` is its
+    model's ``embed`` (or that compiled, under ``train.compile``); ``scale`` is the GradScaler's
+    ``scale`` (identity without fp16); ``autocast`` a context factory.
     """
+    embed = embed or objective.model.embed
     size = batch.input_ids.shape[0]
     bounds = [(size * i // micro_batches, size * (i + 1) // micro_batches) for i in range(micro_batches)]
     device = batch.input_ids.device
@@ -36,7 +42,7 @@ def accumulated_backward(objective: SSBObjective, batch: Batch, micro_batches: i
         for lo, hi in bounds:
             states.append(rng_states(device))
             with autocast():
-                v, t = objective.model.embed(batch.slice(lo, hi))
+                v, t = embed(batch.slice(lo, hi))
             videos.append(v)
             texts.append(t)
     after = rng_states(device)
@@ -49,7 +55,7 @@ def accumulated_backward(objective: SSBObjective, batch: Batch, micro_batches: i
     for (lo, hi), state in zip(bounds, states):
         set_rng_states(state)
         with autocast():
-            v, t = objective.model.embed(batch.slice(lo, hi))
+            v, t = embed(batch.slice(lo, hi))
         torch.autograd.backward([v, t], [video.grad[lo:hi], text.grad[lo:hi]])
     set_rng_states(after)
     return terms

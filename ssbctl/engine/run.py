@@ -1,8 +1,9 @@
 """A run folder's files: its resolved recipe, its text-model description, its experts; building
 the run's architecture (loading its weights is :func:`ssbctl.inference.load_run`).
 
-``RUN/recipe.toml`` is the complete recipe the run trained with (model config resolved, decoder
-vocabulary size and input dims filled in); ``RUN/text_encoder/`` holds the tokenizer and the
+``RUN/recipe.toml`` is the complete recipe the run trained with, as a user could write it (model
+config resolved); ``RUN/run.json`` records what training derived and no recipe sets (input dims
+from the prepared data, the decoder's vocabulary size); ``RUN/text_encoder/`` holds the tokenizer and the
 text model's ``config.json`` (no weights: those are in each checkpoint), so a run loads without
 the network and without the original pretrained files.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 
-from ssbctl.config import Recipe, dump_toml, read_toml, recipe_from_dict, to_dict
+from ssbctl.config import Recipe, deep_merge, dump_toml, read_toml, recipe_from_dict, split_recorded, to_dict
 from ssbctl.core.errors import DataError, UserError
 from ssbctl.core.io import atomic_write_json, atomic_write_text, check_output, fresh_dir, mark_kind, replace_dir
 from ssbctl.model.ssb import SSBModel
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from ssbctl.data.store import ExpertStores
 
 RECIPE_FILE = "recipe.toml"
+RECORD_FILE = "run.json"
+RECORD_VERSION = 1
 TEXT_DIR = "text_encoder"
 EXPERTS_FILE = "experts.json"
 
@@ -46,17 +49,29 @@ def write_run_files(run_dir: Path, recipe: Recipe, tokenizer: Any, text_config: 
 
 
 def write_recipe(run_dir: Path, recipe: Recipe) -> None:
-    """Save the resolved recipe, headed by the command that continues the run."""
+    """Save the resolved recipe (headed by the command that continues the run) and, apart from it,
+    the values training recorded (``run.json``): the record first, so a recipe never lacks one."""
+    user, recorded = split_recorded(to_dict(recipe))
+    atomic_write_json(Path(run_dir) / RECORD_FILE, {"format_version": RECORD_VERSION, "recorded": recorded})
     header = f"# Resolved recipe of this run. Continue it with:\n#   ssbctl train --resume --out {run_dir}"
-    atomic_write_text(Path(run_dir) / RECIPE_FILE, dump_toml(to_dict(recipe), header))
+    atomic_write_text(Path(run_dir) / RECIPE_FILE, dump_toml(user, header))
 
 
 def read_run_recipe(run_dir: Path) -> Recipe:
-    """The resolved recipe a run was trained with."""
+    """The resolved recipe a run was trained with, its recorded values included. A run written
+    before ``run.json`` existed kept them in its recipe.toml, which is read as it is."""
     path = Path(run_dir) / RECIPE_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run folder (no {RECIPE_FILE})")
-    return recipe_from_dict(read_toml(path), resolve_model=False)
+    raw = read_toml(path)
+    record = Path(run_dir) / RECORD_FILE
+    if record.is_file():
+        data = read_json(record, dict)
+        if data.get("format_version") != RECORD_VERSION:
+            raise DataError(f"{record}: record format {data.get('format_version')!r} is not {RECORD_VERSION}; "
+                            "upgrade ssbctl to read this run")
+        raw = deep_merge(raw, field(data, "recorded", dict, str(record)))
+    return recipe_from_dict(raw, resolve_model=False)
 
 
 def build_run_model(run_dir: Path, recipe: Recipe) -> tuple[SSBModel, Any]:

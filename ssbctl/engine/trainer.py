@@ -25,7 +25,7 @@ from ssbctl.config import Recipe, TrainConfig
 from ssbctl.data.loader import (Collate, EpochBatchSampler, PairDataset, check_finite_features, check_global_batch,
                                 split_pairs)
 from ssbctl.data.store import Store
-from ssbctl.engine.accumulate import accumulated_backward
+from ssbctl.engine.accumulate import Embed, accumulated_backward
 from ssbctl.engine.rng import rng_states, set_rng_states
 from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, remap_optimizer_state,
                                       save_checkpoint)
@@ -129,8 +129,6 @@ def check_training_batch(recipe: Recipe, store: Store, world: int) -> None:
                         f"batch per process), got {recipe.train.accum_steps}")
 
 
-COMPILE_UNUSED = ("train.compile = true has no effect with train.accum_steps > 1: gradient accumulation "
-                  "runs the encoders outside the compiled forward, so training runs uncompiled")
 
 
 class Trainer:
@@ -170,6 +168,10 @@ class Trainer:
         self.module: SSBModel = model.to(self.device)  # what checkpoints save and the optimizer trains
         self.objective = SSBObjective(self.module, recipe.loss)  # forward(batch) -> the loss terms
         self.model = self._wrap(self.objective)
+        # Accumulation embeds micro-batches with the model's embed, never the wrapped forward: compile that.
+        compile_embed = self.cfg.compile and self.cfg.accum_steps > 1
+        self.embed: Embed = (torch.compile(self.module.embed, backend=self.cfg.compile_backend) if compile_embed
+                             else self.module.embed)
         self.sampler = EpochBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed,
                                          self.dist.rank, self.dist.world)
         self.steps_per_epoch = len(self.sampler.batches())
@@ -202,10 +204,10 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
         if self.cfg.compile and self.cfg.accum_steps > 1:
-            warnings.warn(COMPILE_UNUSED, stacklevel=2)
-            return model  # accumulation calls the model's embed and the loss itself, never this forward
+            return model  # accumulation never calls this forward: it compiles the model's embed (self.embed)
         # torch.compile's stubs promise a callable; given a Module it returns one (OptimizedModule).
-        return torch.compile(model) if self.cfg.compile else model  # type: ignore[return-value]
+        return (torch.compile(model, backend=self.cfg.compile_backend)  # type: ignore[return-value]
+                if self.cfg.compile else model)
 
     def _checkpoint_to_resume(self, resume: bool) -> Path | None:
         found = latest_checkpoint(self.run_dir)
@@ -396,7 +398,8 @@ class Trainer:
                 terms = self.model(batch)
             self.scaler.scale(terms["loss"]).backward()
             return terms
-        terms = accumulated_backward(self.objective, batch, self.cfg.accum_steps, self.scaler.scale, self._autocast)
+        terms = accumulated_backward(self.objective, batch, self.cfg.accum_steps, self.scaler.scale, self._autocast,
+                                     self.embed)
         average_gradients(self.module.parameters())  # DDP's hooks only follow its own forward
         return terms
 
