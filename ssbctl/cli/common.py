@@ -104,12 +104,21 @@ class RichReporter:
 
 
 def metrics_table(result: dict[str, Any], title: str) -> Table:
-    """Text-to-video and video-to-text metrics side by side."""
-    table = Table(title=title)
+    """Text-to-video and video-to-text metrics side by side. Video-to-text rows name their
+    convention; a set with several captions per video gets a row for each, ``v2t``'s first."""
+    from ssbctl.evaluation.metrics import V2T_DESCRIPTIONS
+
+    chosen = result.get("v2t_convention")
+    both = sorted((c for c in V2T_DESCRIPTIONS if f"v2t_{c}" in result), key=lambda c: c != chosen)
+    rows = [("t2v", "text-to-video")]
+    rows += [(f"v2t_{c}", f"video-to-text, {c}") for c in both] or [
+        ("v2t", f"video-to-text, {chosen}" if chosen else "video-to-text")]
+    caption = "\n".join(f"video-to-text {c}: {V2T_DESCRIPTIONS[c]}" for c in both) or None
+    table = Table(title=title, caption=caption)
     table.add_column("direction")
     keys = [k for k in result["t2v"]]
     for key in keys:
         table.add_column(key.replace("R", "R@") if key[1:].isdigit() else key, justify="right")
-    for direction, name in (("t2v", "text-to-video"), ("v2t", "video-to-text")):
+    for direction, name in rows:
         table.add_row(name, *(f"{result[direction][k]:.1f}" for k in keys))
     return table

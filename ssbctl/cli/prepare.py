@@ -135,7 +135,8 @@ def prepare(
         outs = [output] if len(models) == 1 else [Path(f"{output}-{t}") for t in tags]
     outs = [output_path(o) for o in outs]
     k, n = _shard(shard)
-    opts = PrepareOptions(sampling=Sampling(mode, frames or protocol.max_frames, fps), shard=k, num_shards=n,
+    opts = PrepareOptions(sampling=Sampling(mode, frames or protocol.max_frames, fps, protocol.max_seconds),
+                          shard=k, num_shards=n,
                           workers=workers, max_failures=max_failures, chunk_size=max(1, chunk_size),
                           features=features is not None)
     with ExitStack() as held, progress_bar(f"prepare {dataset} [{k}/{n}]") as update:

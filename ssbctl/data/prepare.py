@@ -364,7 +364,7 @@ def merge(dataset: str, items: list[VideoItem], backbones: list[FeatureSource], 
         for item in items:
             row = rows[item.video_id]
             if row["status"] == "failed":
-                writer.fail(item.video_id, str(item.path), row["reason"])
+                writer.fail(item.video_id, str(item.path), row["reason"], item.split)
                 continue
             chunk = row["folder"] / f"features-b{b}-c{row['chunk']:05d}.safetensors"
             if chunk not in handles:

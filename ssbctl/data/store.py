@@ -7,7 +7,8 @@ Layout (``FORMAT_VERSION`` 1)::
     videos.jsonl                 video_id, split, path, num_frames, shard, decoder (decord or pyav;
                                  with fallback_reason when decord could not be used)
     captions.jsonl               video_id, caption, split
-    failures.jsonl               video_id, path, reason (videos that could not be used)
+    failures.jsonl               video_id, path, reason, split (videos that could not be used;
+                                 stores written before split was recorded lack it)
 
 The writer builds everything in a hidden sibling folder and renames it into place at the end,
 so a prepare that dies leaves either the previous store or none, never a half-written one. It
@@ -34,6 +35,7 @@ from ssbctl.core.paths import resolve_prepared
 FORMAT_VERSION = 1
 VIDEO_FIELDS = {"video_id": str, "split": str, "path": str, "num_frames": int, "shard": int}
 CAPTION_FIELDS = {"video_id": str, "caption": str, "split": str}
+FAILURE_FIELDS = {"video_id": str}
 
 
 def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
@@ -81,9 +83,11 @@ class StoreWriter:
         if len(self._pending) >= self.shard_size:
             self._flush()
 
-    def fail(self, video_id: str, path: str, reason: str) -> None:
-        """Record a video that could not be used; preparation goes on."""
-        self.failures.append({"video_id": video_id, "path": path, "reason": reason})
+    def fail(self, video_id: str, path: str, reason: str, split: str | None = None) -> None:
+        """Record a video that could not be used, and the split it belonged to (so that evaluation
+        can say that split's gallery is smaller than the protocol's); preparation goes on."""
+        self.failures.append({"video_id": video_id, "path": path, "reason": reason,
+                              **({"split": split} if split is not None else {})})
 
     def _flush(self) -> None:
         if not self._pending:
@@ -198,14 +202,23 @@ class FeatureStore:
                             f"expected (frames, {self.feature_dim}) floats as manifest.json says")
         return features.float()
 
+    def failures(self) -> list[dict[str, Any]]:
+        """The videos prepare could not use (``failures.jsonl``), each with its ``split`` unless the
+        store was written before that was recorded; none when the file is absent."""
+        path = self.root / "failures.jsonl"
+        return check_rows(list(read_jsonl(path)), path, FAILURE_FIELDS) if path.is_file() else []
+
     @property
     def feature_dims(self) -> tuple[int, ...]:
         """Feature size of each expert (one store is one expert)."""
         return (self.feature_dim,)
 
     def expert_specs(self) -> list[dict[str, Any]]:
-        """Backbone and sampling of each expert: what turns a new video into model input."""
-        return [{"backbone": self.manifest["backbone"], "sampling": self.manifest["sampling"]}]
+        """Backbone and sampling of each expert: what turns a new video into model input. A
+        dataset's time window (``max_seconds``, DiDeMo's annotated first 31 s) is the dataset's
+        protocol, not the model's: new videos are sampled whole."""
+        sampling = {k: v for k, v in self.manifest["sampling"].items() if k != "max_seconds"}
+        return [{"backbone": self.manifest["backbone"], "sampling": sampling}]
 
     def load_experts(self, videos: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
         """Features of ``videos`` per expert: ``[expert][video]`` of ``(T, dim)``."""
@@ -229,6 +242,7 @@ class Store(Protocol):
     def feature_dims(self) -> tuple[int, ...]: ...
     def split_videos(self, split: str) -> list[dict[str, Any]]: ...
     def split_captions(self, split: str) -> list[dict[str, Any]]: ...
+    def failures(self) -> list[dict[str, Any]]: ...
     def expert_specs(self) -> list[dict[str, Any]]: ...
     def load_experts(self, videos: list[dict[str, Any]]) -> list[list[torch.Tensor]]: ...
 
@@ -278,6 +292,11 @@ class ExpertStores:
     def split_captions(self, split: str) -> list[dict[str, Any]]:
         """Caption records of one split of the main store."""
         return self.main.split_captions(split)
+
+    def failures(self) -> list[dict[str, Any]]:
+        """The videos the main store's prepare could not use: the main store's videos are the
+        gallery (the other experts must hold every one of them)."""
+        return self.main.failures()
 
     @property
     def feature_dims(self) -> tuple[int, ...]:

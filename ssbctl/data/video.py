@@ -38,14 +38,19 @@ class Sampling:
 
     ``uniform``: ``num_frames`` frames at the centres of equal segments (CLIP4Clip-style).
     ``fps``: one frame every ``1/fps`` seconds, thinned uniformly to at most ``num_frames``.
+    ``max_seconds``: either mode sees only the frames at most this many seconds from the start
+    (a dataset protocol's window, e.g. DiDeMo's; ignored when the frame rate is unknown).
     """
 
     mode: str = "uniform"
     num_frames: int = 8
     fps: float = 1.0
+    max_seconds: float | None = None
 
     def indices(self, total: int, native_fps: float) -> list[int]:
         """Frame indices to decode from a video of ``total`` frames at ``native_fps``."""
+        if self.max_seconds is not None and native_fps > 0:  # frame i is at i / native_fps seconds
+            total = min(total, int(self.max_seconds * native_fps) + 1)
         if total <= 0:
             return []
         if self.mode == "uniform":

@@ -9,7 +9,7 @@ import torch
 
 from ssbctl.data.loader import check_finite_features
 from ssbctl.data.store import Store
-from ssbctl.evaluation.metrics import retrieval_metrics
+from ssbctl.evaluation.metrics import DEFAULT_V2T_CONVENTION, retrieval_metrics
 from ssbctl.model.embed import embed_features, embed_texts, require_finite
 from ssbctl.model.ssb import SSBModel
 
@@ -42,11 +42,41 @@ def embed_split(model: SSBModel, tokenizer: Any, store: Store, split: str,
     return result
 
 
+def lost_videos(store: Store, split: str) -> tuple[int, bool]:
+    """How many videos of ``split`` prepare could not use, and whether the store says so: a store
+    written before failures recorded their split counts every failure (``known`` False)."""
+    failures = store.failures()
+    if all("split" in f for f in failures):
+        return sum(1 for f in failures if f["split"] == split), True
+    return len(failures), False
+
+
+def lost_videos_warning(store: Store, split: str) -> str | None:
+    """The warning to print when ``split`` lost videos at prepare time: its gallery is then smaller
+    than the protocol's, so its numbers are not comparable with published ones. None if none."""
+    count, known = lost_videos(store, split)
+    if not count:
+        return None
+    failures = store.root / "failures.jsonl"
+    if known:
+        n_split = len(store.split_videos(split))
+        return (f"{count} video{'s' if count != 1 else ''} of split '{split}' could not be used at prepare time "
+                f"(see {failures}): the gallery has {n_split} videos instead of {n_split + count}, so the "
+                f"numbers are not comparable with the protocol's")
+    return (f"{count} video{'s' if count != 1 else ''} of this store could not be used at prepare time (see "
+            f"{failures}; the store does not record their splits): the gallery of split '{split}' may be "
+            f"smaller than the protocol's, so the numbers may not be comparable with published ones")
+
+
 def evaluate_split(model: SSBModel, tokenizer: Any, store: Store, split: str,
-                   device: torch.device, source: str | None = None) -> dict[str, Any]:
+                   device: torch.device, source: str | None = None,
+                   v2t_convention: str = DEFAULT_V2T_CONVENTION) -> dict[str, Any]:
     """The metrics object of DESIGN.md for one split. With ``source`` (the run, for the message),
-    non-finite embeddings are a DataError; without, their scores rank last."""
+    non-finite embeddings are a DataError; without, their scores rank last. ``v2t_convention``
+    chooses the convention of ``v2t`` (see :mod:`ssbctl.evaluation.metrics`); ``lost_videos``
+    counts the split's videos that prepare could not use (see :func:`lost_videos`)."""
     emb = embed_split(model, tokenizer, store, split, device)
     if source is not None:
         require_finite(source, videos=emb.video, captions=emb.text)
-    return {**retrieval_metrics(emb.text, emb.video, emb.caption_video, ks=store.ks), "split": split}
+    metrics = retrieval_metrics(emb.text, emb.video, emb.caption_video, ks=store.ks, v2t_convention=v2t_convention)
+    return {**metrics, "split": split, "lost_videos": lost_videos(store, split)[0]}

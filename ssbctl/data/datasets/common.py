@@ -29,6 +29,7 @@ class Protocol:
     ks: tuple[int, ...] = (1, 5, 10)  # recall cut-offs reported
     paragraph: bool = False  # captions of a video joined into one paragraph query
     max_frames: int = 12  # frames at 1 fps up to this many
+    max_seconds: float | None = None  # only the frames at most this many seconds from the start (DiDeMo)
     note: str = ""  # the protocol in words (printed by prepare, kept in the manifest)
 
 

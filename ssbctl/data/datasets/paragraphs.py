@@ -5,6 +5,14 @@ ActivityNet: ``train.json``, ``val_1.json`` (and ``val_2.json``), keyed by ``v_<
 ``duration``, ``timestamps`` and ``sentences``; video files with or without the ``v_`` prefix.
 DiDeMo: ``train_data.json``, ``val_data.json``, ``test_data.json``, lists of
 ``{"video", "description", ...}``; a video's descriptions joined in file order.
+
+DiDeMo videos are cut as CLIP4Clip cuts them: its loader reads every video from second 0 to
+second 31 (``start = 0``, ``end = 31``, one frame per whole second of ``range(start, end + 1)``),
+so at most 32 frames at 1 fps, whatever the video's length. The reason (its comment, citing the
+dataset's README): DiDeMo's moments are 5-second segments annotated within the first 30 s (videos
+longer than that were cut to 30 s for annotation), so later footage is described by no
+sentence. ``DIDEMO.max_seconds`` keeps the frames at most 31 s from the start, the same frames
+at 1 fps up to the rounding of the frame rate (CLIP4Clip truncates it to an integer).
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ from ssbctl.core.errors import UserError
 
 ACTIVITYNET = Protocol(ks=(1, 5, 10, 50), paragraph=True, max_frames=64,
                        note="ActivityNet Captions paragraph-to-video on val_1; R@50 reported")
-DIDEMO = Protocol(ks=(1, 5, 10, 50), paragraph=True, max_frames=64,
-                  note="DiDeMo paragraph-to-video on test; R@50 reported")
+DIDEMO = Protocol(ks=(1, 5, 10, 50), paragraph=True, max_frames=64, max_seconds=31.0,
+                  note="DiDeMo paragraph-to-video on test; R@50 reported; videos cut to their first 31 s "
+                       "(the annotated 30 s, as CLIP4Clip)")
 
 
 def _json(path: Path) -> Any:
