@@ -26,7 +26,7 @@ EPILOG = """Examples:
 
   ssbctl retrieve --query "a big blue box spins" --explain why.png   # support-set attention heatmap
 
-  echo "a man cooks" | ssbctl retrieve -q - | cut -f3,7                # piped: tab-separated, whole paths
+  echo "a man cooks" | ssbctl retrieve -q - > hits.tsv               # stdin query; TSV file
 
 On a terminal the results are tables. When stdout is not a terminal (a pipe, a file) they are
 tab-separated values with a header line, one row per result, nothing cut: columns query, rank,
