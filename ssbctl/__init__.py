@@ -4,7 +4,10 @@ Library use (no Typer or rich needed)::
 
     import ssbctl
     run = ssbctl.load("runs/shapes")            # model, tokenizer, recipe of a trained run
-    index = ssbctl.Index.load("index")          # a saved index of video embeddings
+    index = ssbctl.Index.load("~/.cache/ssbctl/index")  # a saved index (the demo's, by default)
+    query = run.encode_text("a man cooks")      # one string: one embedding (D,); a list: (N, D)
+    hits = index.search(query, k=5)             # a 1-D query: its hits; (Q, D): one list per query
+    clip = run.encode_video("clip.mp4")         # one path (str or Path): (D,); a list of paths: (N, D)
     from ssbctl.objective.losses import infonce_loss
     from ssbctl.evaluation import retrieval_metrics
 """

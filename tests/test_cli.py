@@ -47,14 +47,15 @@ def test_prepare_train_evaluate_index_retrieve(shapes_raw: Path, tiny_recipe_arg
                  "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert [h["rank"] for h in hits] == [1, 2, 3]
-    assert set(hits[0]) == {"rank", "video_id", "score", "path"} and hits[0]["score"] >= hits[2]["score"]
+    assert set(hits[0]) == {"rank", "video_id", "split", "caption", "score", "path"}
+    assert hits[0]["score"] >= hits[2]["score"]
     assert Path(hits[0]["path"]).is_file()
 
     # retrieve with no --index reads the default index under $SSBCTL_HOME
     assert main(["index", str(run)]) == 0
     capsys.readouterr()
     assert main(["retrieve", "--query", "a blue square spins"]) == 0
-    assert "top 5" in capsys.readouterr().out
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 5  # piped: a TSV header and 5 rows
 
 
 def test_demo_runs_offline_end_to_end(tmp_path: Path, capsys) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -48,24 +48,36 @@ class LoadedRun:
         require_finite(self.source, videos=embedded)
         return embedded
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Normalised embeddings ``(N, D)`` of texts."""
+    def __repr__(self) -> str:
+        return (f"LoadedRun(run_dir={str(self.run_dir)!r}, checkpoint={self.checkpoint.name!r}, "
+                f"embed_dim={self.model.cfg.embed_dim}, device={str(self.device)!r})")
+
+    def encode_text(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Normalised text embeddings: one string gives one embedding ``(D,)``, a list of strings
+        ``(N, D)`` (as sentence-transformers' ``encode`` does). A 1-D query can go straight to
+        :meth:`Index.search <ssbctl.retrieval.index.Index.search>`."""
+        if isinstance(texts, str):
+            return embed_texts(self.model, self.tokenizer, [texts], self.device)[0]
         return embed_texts(self.model, self.tokenizer, list(texts), self.device)
 
-    def encode_video(self, paths: list[str | Path]) -> torch.Tensor:
-        """Normalised embeddings ``(N, D)`` of video files (decoded and featurised as in training)."""
+    def encode_video(self, paths: str | Path | Sequence[str | Path]) -> torch.Tensor:
+        """Normalised embeddings of video files, decoded and featurised as in training: one path
+        (``str`` or ``Path``) gives ``(D,)``, a list of paths ``(N, D)``."""
+        if isinstance(paths, (str, Path)):
+            return self.encode_video([paths])[0]
+        files = [Path(p).expanduser() for p in paths]
         embedder = VideoEmbedder(self, workers=0)
         feats = []
-        for i, f, reason, _ in embedder.features([Path(p) for p in paths]):
+        for i, f, reason, _ in embedder.features(files):
             if f is None:
-                raise UserError(f"cannot read video {paths[i]}: {reason}")
+                raise UserError(f"cannot read video {files[i]}: {reason}")
             feats.append(f)
         return embedder.embed(feats)
 
 
 def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str = "auto") -> LoadedRun:
     """Load a run's model from its latest (or a named) checkpoint, in eval mode."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
     recipe = read_run_recipe(run_dir)

@@ -20,22 +20,30 @@ def support_attention(run: LoadedRun, index: Index, query: torch.Tensor, k: int 
     training (the run's own mask; ``cross`` keeps a video from drawing on itself). Row 0 is the
     top result: ``draws_on`` lists the support videos it uses, heaviest first.
     """
-    support = run.model.support
-    if support is None:
-        raise UserError("this run has no support set (trained with model.support.mask = none)")
     if not index.videos:
         raise UserError("the index is empty: there is no result to explain")
     scores, found = index.top(query[:1], k)
-    rows = found[0]
-    if rows.numel() == 0:
+    return attention_among(run, index, found[0].tolist(), scores[0].tolist())
+
+
+@torch.no_grad()
+def attention_among(run: LoadedRun, index: Index, rows: list[int], scores: list[float]) -> dict[str, Any]:
+    """The bottleneck's attention among the index ``rows`` given in retrieval order (``scores``:
+    theirs): weights ``(n, n)``, and ``draws_on``, the videos row 0 draws on, heaviest first, each
+    with its retrieval ``rank`` (its position in ``rows``, from 1)."""
+    support = run.model.support
+    if support is None:
+        raise UserError("this run has no support set (trained with model.support.mask = none)")
+    if not rows:
         raise UserError("the index found no video for this query")
-    videos = index.embeddings[rows].float().to(run.device)  # (k, D)
+    videos = index.embeddings[torch.tensor(rows)].float().to(run.device)  # (n, D)
     ids = torch.arange(len(rows), device=run.device)  # distinct videos
-    weights = support.attention(videos, ids).cpu()  # (k, k)
-    names = [index.videos[r]["video_id"] for r in rows.tolist()]
+    weights = support.attention(videos, ids).cpu()  # (n, n)
+    names = [index.videos[r]["video_id"] for r in rows]
     order = torch.argsort(weights[0], descending=True).tolist()
-    return {"videos": names, "scores": scores[0].tolist(), "weights": weights.tolist(), "mask": support.cfg.mask,
-            "draws_on": [{"video_id": names[j], "weight": float(weights[0, j])} for j in order if weights[0, j] > 0]}
+    return {"videos": names, "scores": list(scores), "weights": weights.tolist(), "mask": support.cfg.mask,
+            "draws_on": [{"rank": j + 1, "video_id": names[j], "weight": float(weights[0, j])}
+                         for j in order if weights[0, j] > 0]}
 
 
 def dual_softmax(index: Index, queries: torch.Tensor, bank: torch.Tensor, k: int, candidates: int = 100,

@@ -83,10 +83,16 @@ class Index:
         if self.embeddings.shape[0] != len(self.videos):
             raise ValueError("one video record per embedding row is required")
 
-    def search(self, queries: torch.Tensor, k: int = 5) -> list[list[dict[str, Any]]]:
-        """Top-``k`` videos for each normalised query ``(Q, D)``: rank, video_id, score, path
-        (fewer than ``k`` when an approximate index finds fewer). A score that is not finite is
-        None (valid JSON)."""
+    def __repr__(self) -> str:
+        where = f", folder={str(self.folder)!r}" if self.folder is not None else ""
+        return f"Index({len(self.videos)} videos, dim={int(self.embeddings.shape[1])}{where}, backend={self.backend!r})"
+
+    def search(self, queries: torch.Tensor, k: int = 5) -> list[Any]:
+        """Top-``k`` videos for each normalised query ``(Q, D)``: per query a list of hits (rank,
+        video_id, score, path; fewer than ``k`` when an approximate index finds fewer). One 1-D
+        query ``(D,)`` gives its list of hits directly. A score that is not finite is None (valid JSON)."""
+        if queries.ndim == 1:
+            return self.search(queries.unsqueeze(0), k)[0]
         scores, rows = self.top(queries, k)
         return [[{"rank": r + 1, "video_id": self.videos[i]["video_id"], "score": s if math.isfinite(s) else None,
                   "path": self.videos[i]["path"]}
@@ -140,8 +146,8 @@ class Index:
 
     @classmethod
     def load(cls, folder: Path) -> Index:
-        """Read an index folder."""
-        folder = Path(folder)
+        """Read an index folder (``~`` is the user's home)."""
+        folder = Path(folder).expanduser()
         if not (folder / "index.json").is_file():
             raise UserError(f"no index at {folder}; build one with `ssbctl index` or run `ssbctl demo`")
         meta = read_json(folder / "index.json")

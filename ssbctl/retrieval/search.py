@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ssbctl.core.errors import DataError
+from ssbctl.core.errors import DataError, UserError
+from ssbctl.core.io import read_jsonl
 from ssbctl.core.paths import default_index
 from ssbctl.core.validate import field
 from ssbctl.inference.run import load_run
 from ssbctl.model.embed import nonfinite_rows, require_finite
-from ssbctl.retrieval.explain import dual_softmax, support_attention
+from ssbctl.retrieval.explain import attention_among, dual_softmax, support_attention
 from ssbctl.retrieval.index import Index
-from ssbctl.retrieval.render import contact_sheet, heatmap
+from ssbctl.retrieval.render import FRAMES, contact_sheet, heatmap, result_frames
 
 
 class Searcher:
@@ -29,6 +30,8 @@ class Searcher:
                             f"(NaN or Inf) embeddings; build it again from a sound checkpoint")
         field(self.index.meta, "run", str, f"{folder / 'index.json'}")  # the run that embeds queries
         self.run = load_run(self.index.meta["run"], self.index.meta.get("checkpoint"), device)
+        self._row_of = {v["video_id"]: i for i, v in enumerate(self.index.videos)}
+        self._captions: dict[str, str] | None = None
         if self.index.embeddings.shape[1] != self.run.model.cfg.embed_dim:
             raise DataError(f"{self.index.folder}: embeddings of size {self.index.embeddings.shape[1]}, but the run "
                             f"{self.run.run_dir} embeds to {self.run.model.cfg.embed_dim}; rebuild the index")
@@ -48,12 +51,12 @@ class Searcher:
         """Top-k videos per text (re-ranked by dual softmax over ``bank`` when given)."""
         queries = self.encode_texts(texts)
         if bank:
-            return dual_softmax(self.index, queries, self.encode_texts(bank), k)
-        return self.index.search(queries, k)
+            return self.described(dual_softmax(self.index, queries, self.encode_texts(bank), k))
+        return self.described(self.index.search(queries, k))
 
     def videos_for_video(self, path: Path, k: int) -> list[list[dict[str, Any]]]:
         """Top-k indexed videos most like a video file."""
-        return self.index.search(self.run.encode_video([path]), k)
+        return self.described(self.index.search(self.run.encode_video([path]), k))
 
     def captions_for_video(self, path: Path, captions: list[str], k: int) -> list[dict[str, Any]]:
         """The ``k`` captions of a bank that best describe a video file."""
@@ -62,17 +65,63 @@ class Searcher:
         top = torch.argsort(scores, descending=True)[:k].tolist()
         return [{"rank": r + 1, "caption": captions[i], "score": float(scores[i])} for r, i in enumerate(top)]
 
-    def sheet(self, labels: list[str], results: list[list[dict[str, Any]]], k: int, out: Path) -> tuple[int, int]:
-        """Contact sheet of every query's top-k thumbnails."""
-        row_of = {v["video_id"]: i for i, v in enumerate(self.index.videos)}
-        rows = [(label, hits, [self.index.thumbnail(row_of[h["video_id"]]) for h in hits])
-                for label, hits in zip(labels, results)]
-        return contact_sheet(rows, k, out)
+    def described(self, results: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+        """Hits with the video's split and, when the index knows one, its caption beside the id."""
+        captions = self.captions()
+        described = []
+        for hits in results:
+            rows = []
+            for hit in hits:
+                extra = {"split": str(self.index.videos[self._row_of[hit["video_id"]]].get("split", ""))}
+                if hit["video_id"] in captions:
+                    extra["caption"] = captions[hit["video_id"]]
+                rank, video_id = hit.pop("rank"), hit.pop("video_id")
+                rows.append({"rank": rank, "video_id": video_id, **extra, **hit})
+            described.append(rows)
+        return described
 
-    def explain(self, label: str, text: str | None, video: Path | None, k: int, out: Path) -> list[dict[str, Any]]:
-        """Heatmap of the support-set attention among the query's top results; the top result's row."""
-        query = self.encode_texts([text]) if text else self.run.encode_video([video])  # type: ignore[list-item]
-        result = support_attention(self.run, self.index, query, max(k, 2))
-        heatmap(result["weights"], result["videos"], f"support-set attention ({result['mask']}) for {label!r}", out)
-        return [{"rank": i + 1, "video_id": d["video_id"], "weight": d["weight"]}
-                for i, d in enumerate(result["draws_on"])]
+    def captions(self) -> dict[str, str]:
+        """A caption per video id, when the index knows them: a ``caption`` in its rows, or else the
+        first caption of each video in the prepared-data folder it was built from (``source``),
+        while that folder is there. Captions only label results: an unreadable file gives none."""
+        if self._captions is None:
+            known = {v["video_id"]: v["caption"] for v in self.index.videos if isinstance(v.get("caption"), str)}
+            source = self.index.meta.get("source")
+            if not known and isinstance(source, str) and (Path(source) / "manifest.json").is_file():
+                try:
+                    for row in read_jsonl(Path(source) / "captions.jsonl"):
+                        if isinstance(row, dict) and isinstance(row.get("caption"), str):
+                            known.setdefault(str(row.get("video_id")), row["caption"])
+                except (OSError, UnicodeDecodeError, ValueError, UserError, DataError):
+                    known = {}
+            self._captions = {k: v for k, v in known.items() if k in self._row_of}
+        return self._captions
+
+    def sheet(self, labels: list[str], results: list[list[dict[str, Any]]], k: int, out: Path,
+              frames: int = FRAMES) -> tuple[int, int]:
+        """Contact sheet of every query's top-k results, each a strip of ``frames`` frames over time
+        (decoded from the video file; the index's thumbnail when the file is gone)."""
+        rows = []
+        for label, hits in zip(labels, results):
+            strips = []
+            for h in hits:
+                row = self._row_of[h["video_id"]]
+                strips.append(result_frames(self.index.videos[row]["path"], self.index.thumbnail(row), frames))
+            rows.append((label, hits, strips))
+        return contact_sheet(rows, k, out, frames)
+
+    def explain(self, label: str, hits: list[dict[str, Any]], query: Callable[[], torch.Tensor],
+                out: Path) -> dict[str, Any]:
+        """Support-set attention among a query's results ``hits`` (as shown, in their rank order;
+        with one hit, the next best video joins it: a video cannot draw on itself). Writes the
+        heatmap PNG to ``out``; returns the attention: videos, scores, weights, mask, draws_on.
+        ``query`` embeds the query, for that case only."""
+        if len(hits) >= 2:
+            result = attention_among(self.run, self.index, [self._row_of[h["video_id"]] for h in hits],
+                                     [float(h["score"]) if h.get("score") is not None else float("nan")
+                                      for h in hits])
+        else:
+            result = support_attention(self.run, self.index, query(), 2)
+        heatmap(result["weights"], result["videos"],
+                f"support-set attention ({result['mask']}) among the top {len(result['videos'])} for {label!r}", out)
+        return result
