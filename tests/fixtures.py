@@ -142,9 +142,9 @@ def tiny_text_model(folder: Path, family: str, dropout: float | None = None) -> 
         model = transformers.T5EncoderModel(transformers.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=1,
                                                                   num_heads=2, decoder_start_token_id=0, **common))
     elif family == "clip":  # with CLIP's text projection (512-d, as CLIPTextConfig's default), as CLIP has
-        model = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(hidden_size=16, intermediate_size=32,
-                                                                       num_hidden_layers=1, num_attention_heads=2,
-                                                                       max_position_embeddings=64, **common))
+        model = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=64, **common))
     else:
         model = transformers.BertModel(transformers.BertConfig(
             hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

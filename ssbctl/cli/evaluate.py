@@ -26,7 +26,7 @@ EPILOG = """Examples:
 def evaluate(
     ctx: typer.Context,
     run: Annotated[Path | None, typer.Argument(
-        metavar="RUN", help="Run folder written by `ssbctl train` (with --zero-shot: its model before training).")] = None,
+        metavar="RUN", help="Run folder written by `ssbctl train` (--zero-shot: its model before training).")] = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     data: Annotated[str | None, typer.Option(help="Prepared data (default: the run's recipe's).")] = None,
     checkpoint: CheckpointOption = None,
