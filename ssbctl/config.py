@@ -40,8 +40,18 @@ def _recorded(default: Any) -> Any:
 
 @dataclass(frozen=True)
 class VideoEncoderConfig:
-    """Temporal transformer over per-frame features of one or more frozen backbones (experts)."""
+    """Temporal transformer over per-frame features of one or more frozen backbones (experts).
 
+    ``kind``: ``transformer`` (MMT): the video embedding is the projected mean of the transformer's
+    outputs, random at step 0. ``mean_residual`` (CLIP4Clip's seqTransf): the mean of the frame
+    embeddings plus the transformer added residually, its output projection zero-initialised, so
+    at step 0 the video embedding is the mean of the frame embeddings (CLIP's zero-shot video
+    embedding when the frames are CLIP's projected image embeddings). An expert whose feature size
+    differs from ``embed_dim`` enters the mean through a Linear (zero-initialised when another
+    expert needs none, so step 0 stays that expert's mean); several experts' means are averaged.
+    """
+
+    kind: str = _choice("transformer", ("transformer", "mean_residual"))  # how frames become the video embedding
     hidden_dim: int = _min(256, 8)  # width of the temporal transformer
     layers: int = _min(2, 1)  # transformer layers
     heads: int = _min(4, 1)  # attention heads; must divide hidden_dim
@@ -55,8 +65,10 @@ class TextEncoderConfig:
     """A pretrained `transformers` encoder, pooled and projected to the joint space."""
 
     pretrained: str = "builtin:all-MiniLM-L6-v2"  # hub id, local folder, or builtin:NAME
-    # token states to one vector; pooler: the model's own (CLIP)
-    pooling: str = _choice("mean", ("mean", "cls", "pooler"))
+    # token states to one vector; pooler: the model's own pooler output; projected: the tower's own
+    # joint-space embedding (CLIP's get_text_features, SigLIP's text head), used as it is when its
+    # size is embed_dim (else through a Linear)
+    pooling: str = _choice("mean", ("mean", "cls", "pooler", "projected"))
     max_tokens: int = _min(32, 4)  # captions are truncated to this many tokens
     trainable_layers: int = _min(-1, -1)  # -1: fine-tune all; 0: frozen; N: top N layers only
 

@@ -131,6 +131,32 @@ def tiny_text_model(folder: Path, family: str, dropout: float | None = None) -> 
     ``dropout`` replaces the family's default dropout rates (0.0: deterministic outputs)."""
     import torch
     import transformers
+
+    fast = word_tokenizer()
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(fast), pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    rates = {"t5": ("dropout_rate",), "clip": ("attention_dropout",),
+             "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob")}[family]
+    common.update({} if dropout is None else dict.fromkeys(rates, dropout))
+    if family == "t5":
+        model = transformers.T5EncoderModel(transformers.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                                  num_heads=2, decoder_start_token_id=0, **common))
+    elif family == "clip":  # with CLIP's text projection (512-d, as CLIPTextConfig's default), as CLIP has
+        model = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=64, **common))
+    else:
+        model = transformers.BertModel(transformers.BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=64, **common))
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def word_tokenizer() -> Any:
+    """A fast word-level tokenizer over the shapes captions' words: ``<s> ... </s>``, pad id 0."""
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     words = ["<pad>", "<unk>", "<s>", "</s>"] + sorted(set(
@@ -141,26 +167,36 @@ def tiny_text_model(folder: Path, family: str, dropout: float | None = None) -> 
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                                 bos_token="<s>", eos_token="</s>")
+
+
+def tiny_dual_encoder(folder: Path, family: str = "clip", projection_dim: int = 16) -> Path:
+    """A random whole ``CLIPModel`` (or ``SiglipModel``: ``family="siglip"``) with 1-layer towers, a
+    joint space of ``projection_dim`` (SigLIP: its text width), the word tokenizer and a 32x32 image
+    processor, saved with ``save_pretrained`` as a hub checkpoint folder is laid out."""
+    import torch
+    import transformers
+
+    fast = word_tokenizer()
     torch.manual_seed(0)
-    common = dict(vocab_size=len(vocab), pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    rates = {"t5": ("dropout_rate",), "clip": ("attention_dropout",),
-             "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob")}[family]
-    common.update({} if dropout is None else dict.fromkeys(rates, dropout))
-    if family == "t5":
-        model = transformers.T5EncoderModel(transformers.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                                                  num_heads=2, decoder_start_token_id=0, **common))
-    elif family == "clip":
-        model = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_size=16, intermediate_size=32,
-                                                                       num_hidden_layers=1, num_attention_heads=2,
-                                                                       max_position_embeddings=64, **common))
-    else:
-        model = transformers.BertModel(transformers.BertConfig(
-            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=64, **common))
+    tower = dict(num_hidden_layers=1, num_attention_heads=2)
+    text = dict(vocab_size=len(fast), pad_token_id=0, bos_token_id=2, eos_token_id=3, max_position_embeddings=64,
+                intermediate_size=32, **tower)
+    vision = dict(hidden_size=32, intermediate_size=64, image_size=32, patch_size=8, **tower)
+    if family == "clip":
+        model: Any = transformers.CLIPModel(transformers.CLIPConfig(
+            text_config={**text, "hidden_size": 24}, vision_config=vision, projection_dim=projection_dim))
+        processor: Any = transformers.CLIPImageProcessor(size={"shortest_edge": 32},
+                                                         crop_size={"height": 32, "width": 32})
+    else:  # SigLIP's text head keeps the text width; its image head the vision width: both projection_dim
+        model = transformers.SiglipModel(transformers.SiglipConfig(
+            text_config={**text, "hidden_size": projection_dim},
+            vision_config={**vision, "hidden_size": projection_dim}))
+        processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
 
 

@@ -30,7 +30,8 @@ class HFImageBackbone(Backbone):
 
         def load(local: bool) -> tuple[Any, Any]:
             config = transformers.AutoConfig.from_pretrained(model, local_files_only=local)
-            return (self._model_class(config).from_pretrained(model, local_files_only=local).eval(),
+            return (self._model_class(config).from_pretrained(model, config=self._tower_config(config),
+                                                              local_files_only=local).eval(),
                     transformers.AutoImageProcessor.from_pretrained(model, local_files_only=local))
 
         self.model, self.processor = load_pretrained("image model", model, model, load)
@@ -49,6 +50,18 @@ class HFImageBackbone(Backbone):
         if kind in ("siglip", "siglip_vision_model"):
             return transformers.SiglipVisionModel
         return transformers.AutoModel
+
+    @staticmethod
+    def _tower_config(config: Any) -> Any:
+        """The image tower's config of a whole dual-encoder checkpoint. CLIP's keeps the model's
+        projection size: the vision config's own default (512) would re-initialise any other
+        model's ``visual_projection`` at random (ViT-L/14's 768, a small model's)."""
+        kind = getattr(config, "model_type", "")
+        if kind == "clip":
+            vision = config.vision_config
+            vision.projection_dim = config.projection_dim
+            return vision
+        return config.vision_config if kind == "siglip" else config
 
     def options(self) -> dict[str, Any]:
         return {"model": self.model_id}

@@ -80,7 +80,7 @@ def build_run_model(run_dir: Path, recipe: Recipe) -> tuple[SSBModel, Any]:
     if not (folder / "config.json").is_file():
         raise DataError(f"{folder} is missing or incomplete (no config.json); the run cannot be loaded")
     try:
-        backbone, tokenizer = text_backbone_from_folder(folder)
+        backbone, tokenizer = text_backbone_from_folder(folder, projected=recipe.model.text.pooling == "projected")
     except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception for a damaged file
         raise DataError(f"{folder} is damaged: {str(exc).strip().splitlines()[0][:200]}") from None
     return SSBModel(recipe.model, recipe.loss, backbone, len(tokenizer)), tokenizer

@@ -99,7 +99,7 @@ def build_model(cfg: ModelConfig, loss: LossConfig, feature_dims: tuple[int, ...
                 train_captions: list[str]) -> tuple[SSBModel, Any, ModelConfig]:
     """A fresh model with pretrained text weights; returns it, its tokenizer and the resolved
     config (input dims and decoder vocabulary size filled in, as needed to rebuild it)."""
-    backbone, tokenizer = load_text_backbone(cfg.text.pretrained)
+    backbone, tokenizer = load_text_backbone(cfg.text.pretrained, projected=cfg.text.pooling == "projected")
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, input_dims=feature_dims))
     vocab = None
     if cfg.support.mask != "none":

@@ -1,4 +1,5 @@
-"""MMT-style temporal transformer over per-frame features of one or more experts."""
+"""Video encoders over per-frame features of one or more experts: MMT's temporal transformer, or
+CLIP4Clip's seqTransf (the mean of the frame embeddings plus a residual temporal transformer)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,28 @@ from ssbctl.config import VideoEncoderConfig
 from ssbctl.core.errors import UserError
 
 
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` ``(B, T, W)`` over the frames where ``valid`` ``(B, T)`` is True; zeros for none."""
+    weights = valid.unsqueeze(-1).to(x.dtype)
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, W)
+
+
 class VideoEncoder(nn.Module):
     """Projects each expert's frame features to a common width, adds position and expert-type
-    embeddings, runs a transformer over all tokens and mean-pools the valid ones to ``(B, D)``."""
+    embeddings, runs a transformer over all tokens and mean-pools the valid ones to ``(B, D)``.
+
+    ``kind = "transformer"``: that pooled output through ``proj`` is the embedding (random at step 0).
+    ``kind = "mean_residual"`` (CLIP4Clip's seqTransf): the embedding is the mean of each expert's
+    frames (taken as they are when their size is ``embed_dim``, else through a Linear in ``bases``;
+    several experts' means averaged) plus the transformer's pooled output through ``proj``, which
+    starts at zero. So at step 0 the embedding is the mean of the frame embeddings: with one expert
+    of CLIP's projected image embeddings, CLIP's zero-shot video embedding. A ``bases`` Linear is
+    zero-initialised when some expert needs none (step 0 is then that expert's mean), else random.
+
+    At step 0 the transformer's own parameters get an exactly-zero gradient (they feed a zero
+    ``proj``); from the first update of ``proj`` on they get a real one. Under DistributedDataParallel
+    a zero gradient is still a gradient (every rank reduces it), so nothing is left unused.
+    """
 
     def __init__(self, cfg: VideoEncoderConfig, embed_dim: int) -> None:
         super().__init__()
@@ -27,6 +47,11 @@ class VideoEncoder(nn.Module):
         self.transformer = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim)
+        self.bases: nn.ModuleList | None = None
+        if cfg.kind == "mean_residual":
+            self.bases = _frame_bases(cfg.input_dims, embed_dim)
+            nn.init.zeros_(self.proj.weight)  # the residual starts at zero: step 0 is the frames' mean
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, features: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
         """``features[e]``: ``(B, T_e, dim_e)``; ``masks[e]``: ``(B, T_e)`` True on real frames."""
@@ -38,6 +63,25 @@ class VideoEncoder(nn.Module):
         x = torch.cat(tokens, dim=1)  # (B, T, W)
         valid = torch.cat(masks, dim=1)  # (B, T)
         x = self.norm(self.transformer(x, src_key_padding_mask=~valid))
-        weights = valid.unsqueeze(-1).to(x.dtype)
-        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # (B, W)
-        return self.proj(pooled)  # (B, D)
+        out = self.proj(masked_mean(x, valid))  # (B, D)
+        if self.bases is None:
+            return out
+        means = [base(masked_mean(f, m)) for f, m, base in zip(features, masks, self.bases)]
+        return torch.stack(means).mean(0) + out  # (B, D)
+
+
+def _frame_bases(input_dims: tuple[int, ...], embed_dim: int) -> nn.ModuleList:
+    """Per expert, what maps its frames' mean into the joint space: nothing (Identity) when its
+    size is ``embed_dim``, else a Linear, zero-initialised when some expert needs none."""
+    passthrough = embed_dim in input_dims
+    bases = nn.ModuleList()
+    for dim in input_dims:
+        if dim == embed_dim:
+            bases.append(nn.Identity())
+            continue
+        linear = nn.Linear(dim, embed_dim)
+        if passthrough:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        bases.append(linear)
+    return bases
