@@ -204,8 +204,15 @@ class FeatureStore:
         return (self.feature_dim,)
 
     def expert_specs(self) -> list[dict[str, Any]]:
-        """Backbone and sampling of each expert: what turns a new video into model input."""
-        return [{"backbone": self.manifest["backbone"], "sampling": self.manifest["sampling"]}]
+        """Backbone and sampling of each expert: what turns a new video into model input; and what the
+        features were made from (dataset, prepared folder, typical frame size of its videos when they are
+        on disk), so new videos can be compared with them."""
+        from ssbctl.data.footage import typical_frame_size
+
+        sources = [Path(v["path"]) for v in self.videos if v.get("path")]
+        return [{"backbone": self.manifest["backbone"], "sampling": self.manifest["sampling"],
+                 "dataset": self.manifest.get("dataset", ""), "prepared": self.root.name,
+                 "frame_size": typical_frame_size(sources)}]
 
     def load_experts(self, videos: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
         """Features of ``videos`` per expert: ``[expert][video]`` of ``(T, dim)``."""

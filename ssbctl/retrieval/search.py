@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ssbctl.core.errors import DataError
-from ssbctl.core.paths import default_index
+from ssbctl.core.paths import search_index
 from ssbctl.core.validate import field
 from ssbctl.inference.run import load_run
 from ssbctl.model.embed import nonfinite_rows, require_finite
@@ -21,7 +21,7 @@ class Searcher:
     """An index and the run that made it."""
 
     def __init__(self, index_dir: Path | None = None, device: str = "auto") -> None:
-        folder = Path(index_dir or default_index())
+        folder = Path(index_dir or search_index())
         self.index = Index.load(folder)
         bad = nonfinite_rows(self.index.embeddings)
         if bad:  # written by a broken checkpoint before `ssbctl index` refused to
