@@ -65,7 +65,13 @@ def train(
     if not DistInfo(rank=summary["rank"]).is_main:
         return
     if build_index and not summary["stopped_by"]:
-        summary["index"] = _index_test_videos(run_dir, resolved.train.device)
+        from ssbctl.core.errors import DataError, UserError
+
+        try:
+            summary["index"] = _index_test_videos(run_dir, resolved.train.device)
+        except (UserError, DataError) as exc:  # the run is trained and saved whatever happens here
+            err.print(escape(f"warning: the test videos were not indexed ({exc}); index them with: "
+                             f"ssbctl index {run_dir} --split test --out {run_dir / 'index'}"))
     if as_json:
         print_json(summary)
         return

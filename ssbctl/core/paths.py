@@ -35,8 +35,10 @@ def search_index() -> Path:
     that run's test videos, and one after ``ssbctl index``/``ssbctl demo`` the index just built."""
     candidates = [default_index()]
     pointer = run_index_pointer()
-    if pointer.is_file():
+    try:
         candidates.append(Path(pointer.read_text(encoding="utf-8").strip()))
+    except (OSError, UnicodeDecodeError):  # no run trained yet (or an unreadable pointer: ignored)
+        pass
     built = [c for c in candidates if (c / "index.json").is_file()]
     return max(built, key=lambda c: (c / "index.json").stat().st_mtime_ns) if built else default_index()
 
