@@ -118,8 +118,8 @@ def test_missing_annotation_files_are_user_errors(tmp_path: Path, capsys) -> Non
     (tmp_path / "empty").mkdir()
     assert main(["prepare", "msrvtt", "--root", str(tmp_path / "empty")]) == 2
     assert "MSRVTT_data.json not found" in capsys.readouterr().err
-    assert main(["prepare", "msvd"]) == 2
-    assert "msvd needs --root" in capsys.readouterr().err
+    assert main(["prepare", "didemo"]) == 2  # no --root, nothing in $SSBCTL_HOME/raw/didemo, no full download
+    assert "didemo: no data in" in capsys.readouterr().err
     assert main(["prepare", "vatex", "--root", str(tmp_path / "empty")]) == 2
 
 

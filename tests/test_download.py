@@ -144,7 +144,7 @@ def test_prepare_download_end_to_end(server: _Server, tmp_path: Path, capsys) ->
     root = tmp_path / "data"
     code = main(["prepare", "msvd", "--download", "--url", f"{server.url}/msvd.tar",
                  "--sha256", hashlib.sha256(buf.getvalue()).hexdigest(), "--root", str(root),
-                 "--out", str(tmp_path / "out"), "--workers", "0", "--json"])
+                 "--out", str(tmp_path / "out"), "--backbone", "pixels", "--workers", "0", "--json"])
     assert code == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["merged"]
     store = FeatureStore(tmp_path / "out")

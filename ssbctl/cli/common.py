@@ -40,7 +40,25 @@ def at_least(low: int, option: str) -> Callable[[int], int]:
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document to stdout instead of a table.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=check_device)]
 CheckpointOption = Annotated[str | None, typer.Option(help="Checkpoint name or step (default: latest).")]
-IndexOption = Annotated[Path | None, typer.Option("--index", help="Index folder (default: $SSBCTL_HOME/index).")]
+def _index_or_latest(value: Path | None) -> Path | None:
+    """--index, else the newer of the default index and the last trained run's (said on stderr when it is
+    the run's, so a search never silently goes to another index than the one the user expects)."""
+    if value is not None:
+        return value
+    from rich.markup import escape
+
+    from ssbctl.core.paths import default_index, search_index
+
+    chosen = search_index()
+    if chosen != default_index():
+        err.print(escape(f"searching {chosen}: the test videos of the run trained last (newer than "
+                         f"{default_index()}; --index to choose)"))
+    return chosen
+
+
+IndexOption = Annotated[Path | None, typer.Option(
+    "--index", help="Index folder (default: the newer of $SSBCTL_HOME/index and the last trained run's index).",
+    callback=_index_or_latest)]
 
 
 def _finite(obj: Any) -> Any:

@@ -14,6 +14,8 @@ EPILOG = """Examples:
 
   ssbctl prepare shapes                                  # synthetic demo data -> $SSBCTL_HOME/data/shapes-pixels
 
+  ssbctl prepare msvd           # downloads MSVD into $SSBCTL_HOME/raw/msvd, prepares what `--recipe msvd` trains on
+
   ssbctl prepare msvd --root /data/msvd --backbone clip  # CLIP ViT-B/32 frames at 1 fps, up to 12
 
   ssbctl prepare msrvtt --root /data/msrvtt --shard 0/4  # one of four processes; the last one merges
@@ -37,6 +39,88 @@ def _shard(value: str | None) -> tuple[int, int]:
     return k, n
 
 
+def _is_empty(folder: Path) -> bool:
+    """No dataset files in ``folder``: it is missing, empty, or holds only an unfinished download."""
+    return not folder.is_dir() or all(p.name == "downloads" for p in folder.iterdir())
+
+
+def _default_root(dataset: str) -> Path:
+    """``$SSBCTL_HOME/raw/DATASET``; when it is empty, the dataset is downloaded there if its
+    publishers serve all of it (after saying what and how big), else a UserError says what to put there."""
+    from rich.markup import escape
+
+    from ssbctl.core.errors import UserError
+    from ssbctl.core.paths import home
+    from ssbctl.data.datasets import dataset_spec
+    from ssbctl.data.download import AUTO_DOWNLOAD, SOURCES, describe_download, fetch_dataset, human_size, \
+        sources_for
+    from ssbctl.data.extract import ExtractLimits
+
+    root = home() / "raw" / dataset
+    if not _is_empty(root):
+        return root
+    if dataset not in AUTO_DOWNLOAD:
+        fetch = " (`--download` fetches what can be fetched: " + SOURCES[dataset][-1].note + ")" \
+            if dataset in SOURCES and SOURCES[dataset][-1].note else " (or `--download` to fetch it)"
+        raise UserError(f"{dataset}: no data in {root}; put {dataset_spec(dataset).layout} there, "
+                        f"or give --root FOLDER{fetch}")
+    sources = sources_for(dataset)
+    lines, total = describe_download(sources)
+    size = human_size(total) if total is not None else "size unknown"
+    err.print(escape(f"{dataset} is not in {root}: downloading it from its publishers ({size}):"))
+    for line in lines:
+        err.print(escape(f"  {line}"))
+    limits = ExtractLimits.from_env()
+    with progress_bar("download") as update:
+        fetch_dataset(dataset, root, progress=lambda _name: update, limits=limits)
+    return root
+
+
+def _chosen_backbones(dataset: str, named_out: bool) -> list[str]:
+    """The backbones a dataset is prepared with when none is given: those its shipped recipe trains
+    on (so `prepare msvd` writes what `--recipe msvd` reads), else pixels; said on stderr."""
+    from rich.markup import escape
+
+    from ssbctl.config import read_toml
+    from ssbctl.core.paths import shipped_configs
+
+    shipped = shipped_configs("recipes").get(dataset)
+    if shipped is None:
+        err.print("backbone: pixels (none given): frames resized to --pixel-size and flattened, "
+                  "which suits synthetic clips; for real footage give --backbone clip (what the msrvtt recipe "
+                  "trains on)")
+        return ["pixels"]
+    data = read_toml(shipped).get("data", {})
+    chosen = []
+    for prepared in [data.get("prepared", ""), *data.get("experts", [])]:
+        tag = str(prepared).split("-", 1)[-1]
+        spec = next((s for s in KNOWN_BACKBONES if backbone_spec_tag(s) == tag), None)
+        if spec is None:
+            raise AssertionError(f"recipe {dataset} names prepared data '{prepared}' of no known backbone")
+        chosen.append(spec)
+    from ssbctl.core.paths import home
+
+    where = "" if named_out else " -> " + ", ".join(str(home() / "data" / f"{dataset}-{backbone_spec_tag(s)}")
+                                                   for s in chosen)
+    err.print(escape(f"backbone: {', '.join(chosen)} (none given): what `ssbctl train --recipe {dataset}` "
+                     f"trains on{where}"))
+    return chosen
+
+
+KNOWN_BACKBONES = ("pixels", "clip")  # the --backbone values shipped recipes are prepared with
+
+
+def backbone_spec_tag(spec: str) -> str:
+    """The folder-name tag (see :func:`ssbctl.data.backbones.backbone_tag`) a --backbone value gives,
+    without loading its model: pixels -> pixels, clip -> clip-vit-base-patch32, hf:org/model -> model."""
+    from ssbctl.data.hf_backbones import DEFAULT_CLIP
+
+    name, _, model = spec.partition(":")
+    if name == "clip" and not model:
+        model = DEFAULT_CLIP
+    return model.rstrip("/").rsplit("/", 1)[-1] if model else name
+
+
 def _positive_fps(value: float) -> float:
     """--fps must be a positive, finite number (0 would sample no frame at all)."""
     import math
@@ -51,13 +135,15 @@ def _positive_fps(value: float) -> float:
 def prepare(
     dataset: Annotated[str, typer.Argument(help="msrvtt, msvd, vatex, activitynet, didemo, custom or shapes.")],
     root: Annotated[Path | None, typer.Option(
-        help="The dataset folder as its publishers ship it (shapes: where clips are generated).")] = None,
+        help="The dataset folder as its publishers ship it (default: $SSBCTL_HOME/raw/DATASET; "
+             "shapes: where clips are generated).")] = None,
     annotations: Annotated[Path | None, typer.Option(
         help="custom: JSON Lines or CSV of video, caption[, split].")] = None,
     output: Annotated[Path | None, typer.Option(
         "--out", help="Prepared-data folder (default: $SSBCTL_HOME/data/DATASET-BACKBONE).")] = None,
     backbones: Annotated[list[str] | None, typer.Option(
-        "--backbone", help="pixels, clip, clip:MODEL or hf:MODEL; repeat for several experts.")] = None,
+        "--backbone", help="pixels, clip, clip:MODEL or hf:MODEL; repeat for several experts "
+                           "(default: the one the dataset's recipe trains on; custom: pixels).")] = None,
     features: Annotated[Path | None, typer.Option(
         help="Import pre-extracted features (VIDEO_ID.npy or .safetensors per video) instead of decoding.")] = None,
     download: Annotated[bool, typer.Option(
@@ -120,6 +206,10 @@ def prepare(
         root = root or home() / "raw" / dataset
         with progress_bar("download") as update:
             fetch_dataset(dataset, root, urls, sha256, progress=lambda _name: update, limits=limits)
+    elif root is None and dataset not in ("shapes", "custom"):
+        root = _default_root(dataset)
+    if backbones is None and features is None:
+        backbones = _chosen_backbones(dataset, output is not None)
     with progress_bar("generate clips" if dataset == "shapes" else "read annotations") as update:
         items = dataset_items(dataset, root, annotations, ShapesSpec(num_videos=num_videos, seed=seed), update, split)
     models: list[FeatureSource]

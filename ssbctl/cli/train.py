@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ssbctl.cli.common import JsonOption, RichReporter, at_least, metrics_table, out, print_json
+from ssbctl.cli.common import JsonOption, RichReporter, at_least, err, metrics_table, out, print_json
 
 EPILOG = """Examples:
 
@@ -34,6 +34,9 @@ def train(
     nproc: Annotated[int, typer.Option(
         help="Launch this many processes with torchrun (one per GPU, or gloo on CPU).",
         callback=at_least(1, "--nproc"))] = 1,
+    build_index: Annotated[bool, typer.Option(
+        "--index/--no-index", help="When training completes, index the test split's videos (else the evaluation "
+                                   "split's) into RUN/index, which `ssbctl retrieve` then searches.")] = True,
     as_json: JsonOption = False,
 ) -> None:
     """Train the SSB model on prepared data; checkpoints, metrics.jsonl and the resolved recipe go to the run folder.
@@ -47,6 +50,7 @@ def train(
     from ssbctl.training import train as run_training
     from ssbctl.core.io import check_output, lock_env, output_lock, output_path
 
+    _note_shipped_recipe(recipe)
     resolved, run_dir = resolve_recipe(recipe, overrides or [], output, resume)
     run_dir = output_path(run_dir)
     if not resume:
@@ -60,6 +64,14 @@ def train(
         summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter())  # leaves the process group
     if not DistInfo(rank=summary["rank"]).is_main:
         return
+    if build_index and not summary["stopped_by"]:
+        from ssbctl.core.errors import DataError, UserError
+
+        try:
+            summary["index"] = _index_test_videos(run_dir, resolved.train.device)
+        except (UserError, DataError) as exc:  # the run is trained and saved whatever happens here
+            err.print(escape(f"warning: the test videos were not indexed ({exc}); index them with: "
+                             f"ssbctl index {run_dir} --split test --out {run_dir / 'index'}"))
     if as_json:
         print_json(summary)
         return
@@ -68,6 +80,10 @@ def train(
     how = f" (stopped by {summary['stopped_by']}; continue with --resume)" if summary["stopped_by"] else ""
     out.print(escape(f"trained {summary['steps']} steps -> {run_dir}{how}\n"
                      f"next: ssbctl evaluate {run_dir} --split test"))
+    if summary.get("index"):
+        built = summary["index"]
+        out.print(escape(f"indexed the {built['videos']} {built['split']} videos -> {built['index']}\n"
+                         f"search them: ssbctl retrieve --query \"...\" (the default index until another is built)"))
 
 
 def _command_line(ctx: typer.Context) -> list[str]:
@@ -76,3 +92,41 @@ def _command_line(ctx: typer.Context) -> list[str]:
 
     obj = ctx.find_root().obj
     return list(obj["argv"]) if isinstance(obj, dict) and "argv" in obj else sys.argv[1:]
+
+
+def _note_shipped_recipe(recipe: str | None) -> None:
+    """Say on stderr when a ``recipes/NAME.toml`` path that is not here stands for the shipped recipe NAME."""
+    from ssbctl.core.paths import shipped_configs
+
+    if recipe is None or not (recipe.endswith(".toml") or os.sep in recipe):
+        return
+    path = Path(recipe).expanduser()
+    shipped = shipped_configs("recipes").get(path.stem)
+    if not path.is_file() and path.parent.name == "recipes" and shipped is not None \
+            and int(os.environ.get("RANK", "0")) == 0:
+        from rich.markup import escape
+
+        err.print(escape(f"{recipe} is not in {Path.cwd()}; using the shipped recipe '{path.stem}' ({shipped})"))
+
+
+def _index_test_videos(run_dir: Path, device: str) -> dict[str, object] | None:
+    """Index the run's test videos (the evaluation split's when there is no test split) into
+    ``RUN/index`` and name it as the last run's index, which ``retrieve`` searches by default."""
+    from ssbctl.core.io import atomic_write_text
+    from ssbctl.core.paths import run_index_pointer
+    from ssbctl.data.store import open_stores
+    from ssbctl.inference.run import load_run
+    from ssbctl.retrieval.build import index_store
+
+    loaded = load_run(run_dir, None, device)
+    store = open_stores(loaded.recipe.data.prepared, loaded.recipe.data.experts)
+    splits = {v["split"] for v in store.videos}
+    split = "test" if "test" in splits else loaded.recipe.data.eval_split
+    if split not in splits:
+        return None
+    target = Path(run_dir) / "index"
+    index_store(loaded, store, [split]).save(target)
+    pointer = run_index_pointer()
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(pointer, str(target.resolve()) + "\n")
+    return {"index": str(target), "split": split, "videos": sum(1 for v in store.videos if v["split"] == split)}

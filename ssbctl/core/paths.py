@@ -21,6 +21,28 @@ def default_index() -> Path:
     return home() / "index"
 
 
+RUN_INDEX_POINTER = "latest-run-index.txt"
+
+
+def run_index_pointer() -> Path:
+    """The file naming the index of the run trained last (``ssbctl train`` indexes its test videos)."""
+    return home() / RUN_INDEX_POINTER
+
+
+def search_index() -> Path:
+    """The index ``retrieve`` searches when none is named: the newer (by its ``index.json``) of the
+    default index and the index of the run trained last, so a search right after training searches
+    that run's test videos, and one after ``ssbctl index``/``ssbctl demo`` the index just built."""
+    candidates = [default_index()]
+    pointer = run_index_pointer()
+    try:
+        candidates.append(Path(pointer.read_text(encoding="utf-8").strip()))
+    except (OSError, UnicodeDecodeError):  # no run trained yet (or an unreadable pointer: ignored)
+        pass
+    built = [c for c in candidates if (c / "index.json").is_file()]
+    return max(built, key=lambda c: (c / "index.json").stat().st_mtime_ns) if built else default_index()
+
+
 def shipped_configs(kind: str) -> dict[str, Path]:
     """Every config of ``kind`` that ships inside the package, by bare name."""
     folder = resources.files("ssbctl") / "configs" / kind

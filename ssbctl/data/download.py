@@ -9,6 +9,7 @@ is checked by :func:`check_download_options` before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.client
 import re
@@ -26,8 +27,9 @@ from ssbctl.data.extract import ExtractLimits, extract
 from ssbctl.core.errors import DataError, UserError
 from ssbctl.core.io import atomic_write_bytes
 
-__all__ = ["Source", "SOURCES", "check_download_options", "download", "extract", "fetch_dataset", "file_name",
-           "normalize_sha256", "sha256_of", "sources_for"]
+__all__ = ["AUTO_DOWNLOAD", "MIRROR_ENV", "Source", "SOURCES", "check_download_options", "describe_download",
+           "download", "extract", "fetch_dataset", "file_name", "mirrored", "normalize_sha256", "remote_size",
+           "sha256_of", "sources_for"]
 
 Progress = Callable[[int, int], None]
 CHUNK = 1 << 20
@@ -47,7 +49,9 @@ SOURCES: dict[str, list[Source]] = {
     "msrvtt": [Source("https://www.robots.ox.ac.uk/~maxbain/frozen-in-time/data/MSRVTT.zip",
                       note="videos and MSRVTT_data.json; the 9k and 1k-A split files ship with ssbctl")],
     "msvd": [Source("https://www.cs.utexas.edu/users/ml/clamp/videoDescription/YouTubeClips.tar",
-                    note="videos; raw-captions.pkl comes with the CLIP4Clip release (--url to add it)")],
+                    note="the 1,970 videos (YouTubeClips/ID.avi)"),
+             Source("https://www.cs.utexas.edu/users/ml/clamp/videoDescription/AllVideoDescriptions.txt",
+                    note="the English captions; the split lists ship with ssbctl")],
     "vatex": [Source("https://eric-xw.github.io/vatex-website/data/vatex_training_v1.0.json"),
               Source("https://eric-xw.github.io/vatex-website/data/vatex_validation_v1.0.json",
                      note="annotations only: VATEX videos are YouTube clips you must fetch yourself")],
@@ -59,6 +63,14 @@ SOURCES: dict[str, list[Source]] = {
                       note="annotations only: DiDeMo videos come from the YFCC100M release")],
 }
 
+
+# Datasets whose publishers serve everything prepare needs (videos and captions): `prepare NAME`
+# without --root downloads them into $SSBCTL_HOME/raw/NAME when that folder is empty. The others
+# serve annotations only (their videos come from YouTube, on request...) or through third parties.
+AUTO_DOWNLOAD = ("msvd",)
+# A base URL that replaces every known source's folder: SOURCE is fetched from $SSBCTL_MIRROR/NAME/FILE
+# (a local copy of the publishers' files, a proxy, or a test server).
+MIRROR_ENV = "SSBCTL_MIRROR"
 
 URL_SCHEMES = ("http", "https", "ftp", "file")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -105,7 +117,56 @@ def sources_for(dataset: str, urls: list[str] | None = None, sha256: str | None 
         return [Source(u, normalize_sha256(sha256) if sha256 else None) for u in urls]
     if dataset not in SOURCES:
         raise UserError(f"no known download for '{dataset}'; give --url")
-    return SOURCES[dataset]
+    return mirrored(dataset, SOURCES[dataset])
+
+
+def mirrored(dataset: str, sources: list[Source]) -> list[Source]:
+    """``sources`` fetched from ``$SSBCTL_MIRROR/DATASET/FILE`` when that variable is set (same checksums)."""
+    import os
+
+    base = os.environ.get(MIRROR_ENV, "").strip().rstrip("/")
+    if not base:
+        return sources
+    out = [dataclasses.replace(s, url=f"{base}/{dataset}/{file_name(s.url)}") for s in sources]
+    for source in out:
+        try:
+            check_url(source.url)
+        except UserError:
+            raise UserError(f"${MIRROR_ENV} must be a URL like https://host/folder, got {base!r}") from None
+    return out
+
+
+def remote_size(url: str, timeout: float = 20.0) -> int | None:
+    """The size in bytes a server announces for ``url`` (HEAD request), or None when it does not say."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
+        return None
+    return int(length) if length is not None and length.isdigit() else None
+
+
+def describe_download(sources: list[Source]) -> tuple[list[str], int | None]:
+    """One line per source (file name, size, what it is) and the total size (None when unknown)."""
+    lines: list[str] = []
+    total: int | None = 0
+    for source in sources:
+        size = remote_size(source.url)
+        total = total + size if total is not None and size is not None else None
+        shown = human_size(size) if size is not None else "size unknown"
+        note = f": {source.note}" if source.note else ""
+        lines.append(f"{file_name(source.url)} ({shown}) from {source.url}{note}")
+    return lines, total
+
+
+def human_size(n: int) -> str:
+    """Bytes as a short human size: 1.7 GB, 3.1 MB, 512 B."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
 
 
 def file_name(url: str) -> str:

@@ -214,11 +214,18 @@ class FeatureStore:
         return (self.feature_dim,)
 
     def expert_specs(self) -> list[dict[str, Any]]:
-        """Backbone and sampling of each expert: what turns a new video into model input. A
-        dataset's time window (``max_seconds``, DiDeMo's annotated first 31 s) is the dataset's
-        protocol, not the model's: new videos are sampled whole."""
+        """Backbone and sampling of each expert: what turns a new video into model input; and what the
+        features were made from (dataset, prepared folder, typical frame size of its videos when they are
+        on disk), so new videos can be compared with them. A dataset's time window (``max_seconds``,
+        DiDeMo's annotated first 31 s) is the dataset's protocol, not the model's: new videos are
+        sampled whole."""
+        from ssbctl.data.footage import typical_frame_size
+
         sampling = {k: v for k, v in self.manifest["sampling"].items() if k != "max_seconds"}
-        return [{"backbone": self.manifest["backbone"], "sampling": sampling}]
+        sources = [Path(v["path"]) for v in self.videos if v.get("path")]
+        return [{"backbone": self.manifest["backbone"], "sampling": sampling,
+                 "dataset": self.manifest.get("dataset", ""), "prepared": self.root.name,
+                 "frame_size": typical_frame_size(sources)}]
 
     def load_experts(self, videos: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
         """Features of ``videos`` per expert: ``[expert][video]`` of ``(T, dim)``."""

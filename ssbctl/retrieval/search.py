@@ -9,7 +9,7 @@ import torch
 
 from ssbctl.core.errors import DataError, UserError
 from ssbctl.core.io import read_jsonl
-from ssbctl.core.paths import default_index
+from ssbctl.core.paths import search_index
 from ssbctl.core.validate import field
 from ssbctl.inference.run import load_run
 from ssbctl.model.embed import nonfinite_rows, require_finite
@@ -22,7 +22,7 @@ class Searcher:
     """An index and the run that made it."""
 
     def __init__(self, index_dir: Path | None = None, device: str = "auto") -> None:
-        folder = Path(index_dir or default_index())
+        folder = Path(index_dir or search_index())
         self.index = Index.load(folder)
         bad = nonfinite_rows(self.index.embeddings)
         if bad:  # written by a broken checkpoint before `ssbctl index` refused to

@@ -13,6 +13,7 @@ from ssbctl.core.errors import UserError
 from ssbctl.core.io import atomic_write_text, jsonl_text
 from ssbctl.data.video import VIDEO_SUFFIXES
 from ssbctl.inference.run import LoadedRun, Progress, VideoEmbedder
+from ssbctl.retrieval.build import check_replace, merge, row_key, same_embedder
 from ssbctl.retrieval.index import Index, index_meta, thumb_name
 
 
@@ -45,15 +46,22 @@ def _check_name(path: Path) -> None:
 
 
 def index_videos(run: LoadedRun, folder: Path, out: Path, dtype: torch.dtype = torch.float32, workers: int = 2,
-                 progress: Progress | None = None) -> dict[str, Any]:
-    """Index every video under ``folder`` into ``out``; only new or changed files are embedded."""
+                 progress: Progress | None = None, replace: bool = False) -> dict[str, Any]:
+    """Index every video under ``folder`` into ``out``; only new or changed files are embedded.
+
+    An index already in ``out`` embedded by the same checkpoint keeps the videos of its other
+    folders (indexing adds); one of another run is replaced only with ``replace`` (else UserError,
+    before any work), unless every video it holds is indexed again."""
     files = find_videos(folder)
     if not files:  # an empty index would answer every query with nothing, silently
         raise UserError(f"--videos {folder}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) in it")
     meta = index_meta(run, folder)
     old = Index.load(out) if (out / "index.json").is_file() else None
-    same_model = old is not None and all(old.meta.get(k) == meta[k] for k in ("run", "checkpoint")) \
-        and old.embeddings.shape[1] == run.model.cfg.embed_dim
+    same_model = old is not None and same_embedder(old, run)
+    root = folder.resolve()
+    gone = {row_key(r) for r in old.videos if r["path"] and Path(r["path"]).is_relative_to(root)
+            and not Path(r["path"]).is_file()} if old is not None else set()
+    check_replace(old, run, {str(p) for p in files}, replace, gone)
     known = {v["path"]: (i, v) for i, v in enumerate(old.videos)} if old is not None and same_model else {}
     keep, todo = [], []
     for path in files:
@@ -82,7 +90,10 @@ def index_videos(run: LoadedRun, folder: Path, out: Path, dtype: torch.dtype = t
         parts.append(embedder.embed(new_feats))
     embeddings = torch.cat(parts) if parts else torch.zeros(0, run.model.cfg.embed_dim)
     rows = [old.videos[i] for i in keep] + new_rows if old is not None else new_rows
-    Index(embeddings, rows, meta, thumbs=thumbs, thumbs_from=out / "thumbs").save(out, dtype)
+    built, removed = merge(old, Index(embeddings, rows, meta, thumbs=thumbs, thumbs_from=out / "thumbs"), run,
+                           replace, folder, rescanned=True)
+    built.save(out, dtype)
     atomic_write_text(out / "failures.jsonl", jsonl_text(failures))
-    return {"index": str(out), "videos": len(rows), "embedded": len(new_rows), "reused": len(keep),
-            "failed": failures, "removed": len(known) - len(keep) - sum(1 for p in todo if str(p) in known)}
+    return {"index": str(out), "videos": len(built.videos), "embedded": len(new_rows), "reused": len(keep),
+            "kept": len(built.videos) - len(rows), "failed": failures, "removed": len(removed),
+            "removed_videos": removed}

@@ -27,6 +27,7 @@ class DatasetSpec:
 
     read: Callable[[DatasetOptions], list[VideoItem]]
     protocol: Protocol
+    layout: str = ""  # what a user puts in the dataset folder, in words (said when it is missing)
 
 
 def _custom(opts: DatasetOptions) -> list[VideoItem]:
@@ -40,12 +41,17 @@ def _custom(opts: DatasetOptions) -> list[VideoItem]:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "msrvtt": DatasetSpec(lambda o: msrvtt.read_msrvtt(require_root(o.root, "msrvtt"), o.variant), msrvtt.PROTOCOL),
-    "msvd": DatasetSpec(lambda o: msvd.read_msvd(require_root(o.root, "msvd")), msvd.PROTOCOL),
-    "vatex": DatasetSpec(lambda o: vatex.read_vatex(require_root(o.root, "vatex")), vatex.PROTOCOL),
+    "msrvtt": DatasetSpec(lambda o: msrvtt.read_msrvtt(require_root(o.root, "msrvtt"), o.variant), msrvtt.PROTOCOL,
+                          "MSRVTT_data.json and the videos (videoN.mp4, e.g. in videos/all/)"),
+    "msvd": DatasetSpec(lambda o: msvd.read_msvd(require_root(o.root, "msvd")), msvd.PROTOCOL,
+                        "YouTubeClips/ID.avi and raw-captions.pkl or AllVideoDescriptions.txt"),
+    "vatex": DatasetSpec(lambda o: vatex.read_vatex(require_root(o.root, "vatex")), vatex.PROTOCOL,
+                         "vatex_training_v1.0.json, vatex_validation_v1.0.json and the clips (videoID.mp4)"),
     "activitynet": DatasetSpec(lambda o: paragraphs.read_activitynet(require_root(o.root, "activitynet")),
-                               paragraphs.ACTIVITYNET),
-    "didemo": DatasetSpec(lambda o: paragraphs.read_didemo(require_root(o.root, "didemo")), paragraphs.DIDEMO),
+                               paragraphs.ACTIVITYNET, "train.json, val_1.json (ActivityNet Captions) and the "
+                               "videos (v_ID.mp4; distributed on request)"),
+    "didemo": DatasetSpec(lambda o: paragraphs.read_didemo(require_root(o.root, "didemo")), paragraphs.DIDEMO,
+                          "train_data.json, val_data.json, test_data.json and the videos (from YFCC100M)"),
     "custom": DatasetSpec(_custom, Protocol(max_frames=12, note="custom: every caption a query")),
     # shapes is generated, then read like custom (see ssbctl.data.prepare.dataset_items)
     "shapes": DatasetSpec(_custom, Protocol(max_frames=8, note="shapes: every caption a query")),
