@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import math
 import sys
 import time
