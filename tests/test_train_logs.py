@@ -78,5 +78,5 @@ def test_report_to_refuses_an_unknown_or_missing_tracker_in_one_line(tiny_recipe
     assert not (tmp_path / "run").exists()
     if importlib.util.find_spec("wandb") is None:
         result = cli(["train", "--recipe", str(recipe), "--set", 'train.report_to=["wandb"]'])
-        assert_one_error_line(result, 2, "wandb", "not installed", "pip install wandb")
+        assert_one_error_line(result, 2, "wandb", "not installed", "ssbctl[wandb]")
         assert not (tmp_path / "run").exists()

@@ -25,7 +25,7 @@ REPORT_TO = ("tensorboard", "wandb")
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder: `tensorboard --logdir RUN/tensorboard`
 _NOT_SCALARS = ("step", "epoch", "time")  # row keys that index the numbers rather than being ones
 _PACKAGES = {"tensorboard": ("tensorboard", 'pip install "ssbctl[tensorboard]"'),
-             "wandb": ("wandb", "pip install wandb")}
+             "wandb": ("wandb", 'pip install "ssbctl[wandb]"')}
 
 
 def check_report_to(names: tuple[str, ...]) -> None:
