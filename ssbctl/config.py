@@ -155,6 +155,7 @@ class TrainConfig:
     # A run that makes no progress fails (TrainingError, nothing saved in the bad stretch) after this many
     # non-finite losses in a row, counted across epochs, or after a whole epoch of them if that is fewer.
     max_nonfinite: int = _min(20, 1)
+    report_to: tuple[str, ...] = ()  # metric trackers besides metrics.jsonl: "tensorboard", "wandb"
 
 
 @dataclass(frozen=True)

@@ -37,19 +37,28 @@ class DemoResult:
 
     run_dir: Path
     index_dir: Path
+    data_dir: Path
     metrics: dict[str, Any]
     queries: dict[str, list[dict[str, Any]]]
 
 
 def run_demo(out: Path, index_dir: Path, spec: ShapesSpec, overrides: list[str],
-             reporter: Reporter | None = None, progress: Callable[[str], Any] | None = None) -> DemoResult:
-    """Prepare shapes under ``out``, train the shapes recipe, evaluate on test, index, query.
+             reporter: Reporter | None = None, progress: Callable[[str], Any] | None = None,
+             data_dir: Path | None = None) -> DemoResult:
+    """Generate shapes clips under ``out``, prepare them into ``data_dir``, train the shapes recipe
+    into ``out/run``, evaluate on test, index, query.
 
+    ``data_dir`` defaults to ``out/data``; the CLI passes ``$SSBCTL_HOME/data/shapes-pixels``, where
+    ``ssbctl prepare shapes`` writes and the shapes recipe looks, so that ``ssbctl train --recipe
+    shapes`` trains on the demo's data afterwards.
     ``progress(stage)`` returns a context manager yielding ``update(done, total)`` (or None).
-    ``out`` must be new, empty or an earlier demo folder, and ``index_dir`` new, empty or an index:
-    the demo rewrites both, so anything else is refused before any work.
+    ``out`` must be new, empty or an earlier demo folder, ``data_dir`` new, empty or a store, and
+    ``index_dir`` new, empty or an index: the demo rewrites them, so anything else is refused
+    before any work.
     """
+    data_dir = data_dir or out / "data"
     check_output(out, "demo")
+    check_output(data_dir, "store")
     check_output(index_dir, "index")
     out.mkdir(parents=True, exist_ok=True)
     mark_kind(out, "demo")
@@ -57,17 +66,17 @@ def run_demo(out: Path, index_dir: Path, spec: ShapesSpec, overrides: list[str],
     with stage("generate clips") as update:
         items = dataset_items("shapes", out / "raw", None, spec, update)
     with stage("prepare") as update:
-        prepare_items(items, out / "data", "shapes", build_backbone("pixels"), Sampling(), update)
+        prepare_items(items, data_dir, "shapes", build_backbone("pixels"), Sampling(), update)
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own run: always trained afresh
-    recipe = load_recipe("shapes", [f'data.prepared="{out / "data"}"', f'train.output_dir="{run_dir}"',
+    recipe = load_recipe("shapes", [f'data.prepared="{data_dir}"', f'train.output_dir="{run_dir}"',
                                     *overrides])
     train(recipe, run_dir, reporter=reporter)
     loaded = load_run(run_dir, device=recipe.train.device)
-    store = FeatureStore(out / "data")
+    store = FeatureStore(data_dir)
     metrics = evaluate_split(loaded.model, loaded.tokenizer, store, "test", loaded.device)
     index = index_store(loaded, store)
     index.save(index_dir)
     queries = loaded.encode_text(list(EXAMPLE_QUERIES))
     hits = dict(zip(EXAMPLE_QUERIES, index.search(queries, k=3)))
-    return DemoResult(run_dir, index_dir, metrics, hits)
+    return DemoResult(run_dir, index_dir, data_dir, metrics, hits)

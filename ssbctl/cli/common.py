@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-err = Console(stderr=True)  # progress and logs
+err = Console(stderr=True, log_path=False)  # progress and logs (no source locations in log lines)
 out = Console(soft_wrap=True)  # results
 
 def check_device(value: str) -> str:
@@ -97,27 +97,47 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
 
 
 class RichReporter:
-    """Training progress: a bar with the loss terms and clips/s; notes printed above it."""
+    """Training progress: a bar with the loss terms and clips/s; notes printed above it.
+
+    When stderr is not a terminal (nohup, Slurm, CI: a log file), a plain line every
+    ``log_every`` steps instead (:class:`~ssbctl.engine.reporting.LineReporter`)."""
 
     def __init__(self) -> None:
         self.bar = _progress()
         self.task: Any = None
+        self.lines: Any = None
+        if not err.is_terminal:
+            from ssbctl.engine.reporting import LineReporter
+
+            self.lines = LineReporter()
 
     def start(self, total: int, done: int) -> None:
+        if self.lines is not None:
+            self.lines.start(total, done)
+            return
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, completed=done, info="")
 
     def step(self, step: int, terms: dict[str, float] | None, clips_per_s: float) -> None:
+        if self.lines is not None:
+            self.lines.step(step, terms, clips_per_s)
+            return
         if terms is None:  # no new numbers this step (they are read back every log_every steps)
             self.bar.update(self.task, completed=step)
             return
-        info = " ".join(f"{k.removesuffix('_loss')[:7]} {v:.3f}" for k, v in terms.items())
+        info = " ".join(f"{k.removesuffix('_loss')[:7]} {v:.3f}" for k, v in terms.items() if not k.startswith("lr"))
         self.bar.update(self.task, completed=step, info=f"{info} | {clips_per_s:.0f} clips/s")
 
     def note(self, text: str) -> None:
+        if self.lines is not None:
+            self.lines.note(text)
+            return
         self.bar.console.log(text)
 
     def stop(self) -> None:
+        if self.lines is not None:
+            self.lines.stop()
+            return
         self.bar.stop()
 
 

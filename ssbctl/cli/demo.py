@@ -26,18 +26,20 @@ def demo(
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a key of the shapes recipe.")] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Generate shapes clips, prepare, train, evaluate on test, build the default index, run example queries."""
+    """Generate shapes clips, prepare them as `prepare shapes` does, train, evaluate, index, run example queries."""
     from ssbctl.data.datasets.shapes import ShapesSpec
     from ssbctl.demo import run_demo
     from ssbctl.core.io import output_lock, output_path
     from ssbctl.core.paths import default_index, home
 
     folder, index_dir = output_path(output or home() / "demo"), output_path(default_index())
-    with output_lock(folder), output_lock(index_dir):
+    data_dir = output_path(home() / "data" / "shapes-pixels")  # where the shapes recipe looks
+    with output_lock(folder), output_lock(data_dir), output_lock(index_dir):
         result = run_demo(folder, index_dir, ShapesSpec(num_videos=num_videos, seed=seed),
-                          [f"train.seed={seed}", *(overrides or [])], RichReporter(), progress_bar)
+                          [f"train.seed={seed}", *(overrides or [])], RichReporter(), progress_bar, data_dir)
     if as_json:
-        print_json({"run": str(result.run_dir), "index": str(result.index_dir), "test": result.metrics,
+        print_json({"run": str(result.run_dir), "index": str(result.index_dir), "data": str(result.data_dir),
+                    "test": result.metrics,
                     "queries": result.queries})
         return
     m = result.metrics
@@ -50,5 +52,6 @@ def demo(
         for h in hits:
             table.add_row(str(h["rank"]), h["video_id"], f"{h['score']:.3f}")
         out.print(table)
-    out.print(f"run: {result.run_dir}\nindex: {result.index_dir}\n"
+    out.print(f"run: {result.run_dir}\nindex: {result.index_dir}\ndata: {result.data_dir} "
+              f"(`ssbctl train --recipe shapes` trains on it)\n"
               f"try: ssbctl retrieve --query \"a small green square shrinks\"")

@@ -13,7 +13,7 @@ EPILOG = """Examples:
 
   ssbctl index runs/shapes                      # the run's prepared data, all splits
 
-  ssbctl index runs/shapes --data shapes --split test --out my-index
+  ssbctl index runs/shapes --data shapes-pixels --split test --out my-index
 
   ssbctl index runs/shapes --videos ~/Videos --out my-videos   # any mp4/webm/mkv/avi; re-runs embed only new files
 

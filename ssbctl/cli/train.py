@@ -19,7 +19,7 @@ EPILOG = """Examples:
 
   ssbctl train --resume --out runs/shapes              # continue from the latest checkpoint
 
-  ssbctl train --recipe shapes --nproc 2               # = torchrun --standalone --nproc_per_node 2 -m ssbctl train ...
+  ssbctl train --recipe shapes --nproc 2 --out runs/shapes-2p   # torchrun --standalone --nproc_per_node 2 ...
 """
 
 

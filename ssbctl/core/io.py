@@ -12,11 +12,11 @@ import fcntl
 import fnmatch
 import json
 import os
+import secrets
 import shutil
 import socket
 import stat
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,25 +27,67 @@ from ssbctl.core.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def _create_temp(path: Path) -> tuple[int, str]:
+    """Create and open a new, empty temp file beside ``path`` (``.NAME.RANDOM.tmp``).
+
+    Created ``0666`` less the umask the process has *now*, as ``open()`` creates every other file,
+    so colleagues read what ssbctl writes wherever the umask lets them (``tempfile.mkstemp``
+    creates 0600). The umask is applied by the kernel: it is never read or changed here, which
+    would race with other threads."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temp name", str(path))
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` the mode a new file gets now (0666 less the process umask): for files that a
+    library creates 0600 (safetensors), which colleagues sharing a run, store or index could not read.
+    The mode is that of an empty probe file created (and removed) beside ``path``."""
+    path = Path(path)
+    fd, probe = _create_temp(path)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    os.chmod(path, mode)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``path``, fsync it, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_new_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` only if nothing is there: written to a temp file beside it, then
+    hard-linked into place, which fails if ``path`` appeared meanwhile (FileExistsError) and never
+    replaces anything. Like every write here, the file gets 0666 less the process umask."""
+    path = Path(path)
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_user_file(path: Path, data: bytes) -> None:
@@ -70,7 +112,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         save_file(tensors, str(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -349,7 +391,7 @@ def _acquire(lock: Path, target: Path) -> int:
     while True:
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask
         except OSError as exc:
             reason = ("a part of that path is a file, not a folder" if exc.errno in (errno.EEXIST, errno.ENOTDIR)
                       else exc.strerror or str(exc))

@@ -21,7 +21,7 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 
 from ssbctl.core.errors import DataError, UserError
-from ssbctl.core.io import atomic_write_json, atomic_write_text, fresh_dir, replace_dir
+from ssbctl.core.io import apply_umask, atomic_write_json, atomic_write_text, fresh_dir, replace_dir
 from ssbctl.core.validate import field, read_json
 
 CHECKPOINTS = "checkpoints"
@@ -47,6 +47,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, trainer: dict[str, Any], st
     name = f"step-{state['step']:08d}"
     tmp = fresh_dir(root / f".{name}.tmp")
     save_model(unwrap_model(model), str(tmp / "model.safetensors"))
+    apply_umask(tmp / "model.safetensors")  # safetensors writes 0600
     torch.save(trainer, tmp / "trainer.pt")
     atomic_write_json(tmp / "state.json", state)
     replace_dir(tmp, root / name)

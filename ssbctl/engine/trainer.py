@@ -30,6 +30,7 @@ from ssbctl.engine.rng import rng_states, set_rng_states
 from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, remap_optimizer_state,
                                       save_checkpoint)
 from ssbctl.core.distributed import any_rank, average_gradients, barrier, gather_objects, in_group, setup, teardown
+from ssbctl.engine.reporting import open_sinks
 from ssbctl.engine.run import build_run_model, check_store_fits, read_run_recipe, write_recipe, write_run_files
 from ssbctl.core.errors import DataError, TrainingError, UserError
 from ssbctl.core.io import append_jsonl, atomic_write_text, jsonl_text, read_jsonl
@@ -142,6 +143,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.dist, self.device = setup(self.cfg.device)
         self.reporter = (reporter or SilentReporter()) if self.dist.is_main else SilentReporter()
+        self.sinks = open_sinks(self.cfg.report_to if self.dist.is_main else (), self.run_dir / METRICS_FILE, recipe)
         self.amp = amp_dtype(self.cfg.precision, self.device)
         self.store = open_stores(recipe.data.prepared, recipe.data.experts)
         check_training_batch(recipe, self.store, self.dist.world)  # before loading features or models
@@ -311,6 +313,7 @@ class Trainer:
                 self.save()
         barrier()
         self.reporter.stop()
+        self.sinks.close()
         return {"run_dir": str(self.run_dir), "rank": self.dist.rank, "steps": self.state.step,
                 "epochs": self.state.epoch,
                 "nonfinite_steps": self.state.nonfinite_steps, "eval": last_eval,
@@ -338,7 +341,7 @@ class Trainer:
             logged = self.state.step % self.cfg.log_every == 0
             elapsed = max(time.perf_counter() - tick, 1e-9)
             means = {k: float(v) / count for k, v in window.items()} if logged else None
-            self.reporter.step(self.state.step, means, clips / elapsed)
+            self.reporter.step(self.state.step, means and {**means, **self._learning_rates()}, clips / elapsed)
             if means is not None:  # logged
                 self._log(means, clips / elapsed, waited / elapsed)
                 window, count, clips, waited, tick = {}, 0, 0, 0.0, time.perf_counter()
@@ -415,7 +418,7 @@ class Trainer:
             row["temperature"] = self.module.temperature
         if self.scaler.is_enabled():
             row["loss_scale"] = self.scaler.get_scale()
-        append_jsonl(self.run_dir / METRICS_FILE, row)
+        self.sinks.append(row)
 
     def _learning_rates(self) -> dict[str, float]:
         """``lr``: the rate of the model's own parameters (``train.lr`` on its schedule); ``lr_text``:
@@ -434,8 +437,7 @@ class Trainer:
         split = self.recipe.data.eval_split
         if split and self.evaluate is not None and self.dist.is_main:
             result = self.evaluate(self.module, self.tokenizer, self.store, split, self.device)
-            append_jsonl(self.run_dir / METRICS_FILE,
-                         {"step": self.state.step, "epoch": self.state.epoch, "eval": result})
+            self.sinks.append({"step": self.state.step, "epoch": self.state.epoch, "eval": result})
             t2v = result["t2v"]
             self.reporter.note(f"epoch {self.state.epoch}: {split} text-to-video R@1 {t2v['R1']:.1f} "
                                f"R@5 {t2v['R5']:.1f} R@10 {t2v['R10']:.1f} MdR {t2v['MdR']:g}")
