@@ -194,8 +194,8 @@ def test_didemo_videos_are_cut_to_their_first_31_seconds(tmp_path: Path, capsys)
     _solid_video(root / "videos" / "long@N1_1.mp4", 40)
     _solid_video(root / "videos" / "short@N2_2.mp4", 10)
     out = tmp_path / "store"
-    assert main(["prepare", "didemo", "--root", str(root), "--out", str(out), "--pixel-size", "8",
-                 "--workers", "0", "--json"]) == 0
+    assert main(["prepare", "didemo", "--root", str(root), "--out", str(out), "--backbone", "pixels",
+                 "--pixel-size", "8", "--workers", "0", "--json"]) == 0
     capsys.readouterr()
     store = FeatureStore(out)
     frames = {v["video_id"]: v["num_frames"] for v in store.videos}
@@ -210,6 +210,6 @@ def test_didemo_videos_are_cut_to_their_first_31_seconds(tmp_path: Path, capsys)
         (anet / f"{split}.json").write_text(json.dumps(data))
         shutil.copy(root / "videos" / "long@N1_1.mp4", anet / "videos" / f"v_{split}.mp4")
     assert main(["prepare", "activitynet", "--root", str(anet), "--out", str(tmp_path / "anet-store"),
-                 "--pixel-size", "8", "--workers", "0", "--json"]) == 0
+                 "--backbone", "pixels", "--pixel-size", "8", "--workers", "0", "--json"]) == 0
     capsys.readouterr()
     assert {v["num_frames"] for v in FeatureStore(tmp_path / "anet-store").videos} == {40}

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-err = Console(stderr=True, log_path=False)  # progress and logs (no source locations in log lines)
+err = Console(stderr=True, log_path=False, soft_wrap=True)  # progress, notes and logs: a note is one line
 out = Console(soft_wrap=True)  # results
 
 def check_device(value: str) -> str:
