@@ -18,7 +18,9 @@ from ssbctl.inference.run import load_run
 from ssbctl.engine.trainer import Reporter
 from ssbctl.training import train
 from ssbctl.evaluation.evaluate import evaluate_split
+from ssbctl.core.errors import UserError
 from ssbctl.core.io import check_output, mark_kind
+from ssbctl.core.validate import read_json
 from ssbctl.retrieval.build import index_store
 
 EXAMPLE_QUERIES = (
@@ -29,6 +31,22 @@ EXAMPLE_QUERIES = (
 )
 
 Progress = Callable[[int, int], None]
+
+
+def _check_index_is_the_demos(index_dir: Path, run_dir: Path, data_dir: Path) -> None:
+    """The demo rewrites ``index_dir``. An index there that holds anything but an earlier demo's
+    videos (a user's own, indexed without ``--out``, by another run or added to the demo's) is
+    refused before any work instead of being replaced."""
+    meta_file = index_dir / "index.json"
+    if not meta_file.is_file():
+        return
+    meta = read_json(meta_file)
+    sources = set(meta.get("sources") or [meta.get("source")])
+    if meta.get("run") != str(run_dir.resolve()) or sources != {str(data_dir.resolve())}:
+        where = ", ".join(sorted(str(s) for s in sources))
+        raise UserError(f"{index_dir} holds {meta.get('count', 'the')} videos indexed from {where}, which the "
+                        "demo would replace; move that index elsewhere (or run the demo under another "
+                        "$SSBCTL_HOME) first")
 
 
 @dataclass
@@ -60,6 +78,7 @@ def run_demo(out: Path, index_dir: Path, spec: ShapesSpec, overrides: list[str],
     check_output(out, "demo")
     check_output(data_dir, "store")
     check_output(index_dir, "index")
+    _check_index_is_the_demos(index_dir, out / "run", data_dir)
     out.mkdir(parents=True, exist_ok=True)
     mark_kind(out, "demo")
     stage = progress or (lambda _name: nullcontext())

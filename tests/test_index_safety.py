@@ -117,3 +117,21 @@ def test_index_warns_on_footage_unlike_the_runs(run_dir: Path, shapes_raw: Path,
     alike = _folder(shapes_raw, tmp_path / "alike", _clips(shapes_raw)[:2])
     assert main(["index", str(run_dir), "--videos", str(alike), "--out", str(tmp_path / "b")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_the_demo_never_replaces_an_index_of_other_videos(run_dir: Path, shapes_raw: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`ssbctl demo` rewrites the default index: one that holds a user's own videos (another run's,
+    or added to an earlier demo's) is refused before any work, and left as it was."""
+    home = tmp_path / "home"
+    default = home / "index"
+    mine = _folder(shapes_raw, tmp_path / "mine", _clips(shapes_raw)[:2])
+    monkeypatch.setenv("SSBCTL_HOME", str(home))
+    assert main(["index", str(run_dir), "--videos", str(mine)]) == 0
+    before = {p.name: p.read_bytes() for p in default.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["demo", "--num-videos", "12"]) == 2
+    said = capsys.readouterr().err
+    assert "which the demo would replace" in said and str(mine.resolve()) in said
+    assert {p.name: p.read_bytes() for p in default.iterdir() if p.is_file()} == before
+    assert not (home / "demo" / "run").exists()  # refused before any work
