@@ -18,13 +18,13 @@ from typing import Annotated, Iterator
 import typer
 
 from ssbctl import __version__
-from ssbctl.cli import demo, evaluate, index, prepare, retrieve, train
+from ssbctl.cli import demo, evaluate, index, prepare, retrieve, serve, train
 from ssbctl.core.errors import DataError, TrainingError, UserError
 
 app = typer.Typer(name="ssbctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Support-Set Bottlenecks for video-text retrieval: prepare, train, evaluate, retrieve.")
 
-for module in (prepare, train, evaluate, index, retrieve, demo):
+for module in (prepare, train, evaluate, index, retrieve, demo, serve):
     name = module.__name__.rsplit(".", 1)[1]
     app.command(name, epilog=module.EPILOG)(getattr(module, name))
 
