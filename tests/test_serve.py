@@ -130,6 +130,12 @@ def test_explain_gives_the_support_set_attention(client: TestClient, service: Se
     assert by_video["videos"][0] == top[0]
 
 
+def test_a_user_error_is_a_400(client: TestClient, service: Service, monkeypatch) -> None:
+    monkeypatch.setattr(service.searcher.run.model, "support", None)  # as a run trained without a support set
+    response = client.get("/api/explain", params={"q": QUERY})
+    assert response.status_code == 400 and "no support set" in response.json()["error"]
+
+
 def test_health_and_page(client: TestClient, service: Service) -> None:
     health = client.get("/api/health").json()
     assert health["videos"] == len(service.index.videos) and health["status"] == "ok"

@@ -33,6 +33,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ssbctl.core.errors import UserError
 from ssbctl.serve.files import RequestError, parse_range
 from ssbctl.serve.service import MAX_K, MAX_QUERY_CHARS, Service, finite
 
@@ -158,7 +159,7 @@ def create_app(service: Service, token: str | None = None, hosts: tuple[str, ...
         Route("/media/thumb/{video_id:path}", thumb), Route("/media/video/{video_id:path}", video),
     ]
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
-        RequestError: _problem, HTTPException: _http_error, Exception: _internal_error}
+        RequestError: _problem, UserError: _user_error, HTTPException: _http_error, Exception: _internal_error}
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.add_middleware(Guard, token=token, hosts=hosts)
     return app
@@ -167,6 +168,11 @@ def create_app(service: Service, token: str | None = None, hosts: tuple[str, ...
 async def _problem(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestError)
     return _error(exc.status, exc.message, exc.headers)
+
+
+async def _user_error(request: Request, exc: Exception) -> Response:
+    """What the CLI reports as ``error: ...`` (exit 2) is a 400 here: this index or run cannot do that."""
+    return _error(400, str(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
