@@ -326,6 +326,7 @@ def start_serve(args: list[str], env: dict[str, str] | None = None) -> tuple[sub
         lines.append(line)
         if line.startswith("serving "):
             url = line.split(" at ", 1)[1].split(" ", 1)[0]
+            threading.Thread(target=proc.stderr.read, daemon=True).start()  # drained: a full pipe would block it
             return proc, url, lines
     proc.wait(timeout=30)
     raise AssertionError(f"ssbctl serve exited {proc.returncode}: {''.join(lines)}")

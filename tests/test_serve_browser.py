@@ -36,9 +36,9 @@ def _browser() -> tuple[str, str]:
 
 
 @pytest.fixture
-def driver(tmp_path: Path) -> Iterator[Any]:
+def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     browser, chromedriver = _browser()
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for drivers online
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
 
