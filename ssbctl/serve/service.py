@@ -116,6 +116,8 @@ class Service:
     def __init__(self, index_dir: Path | None = None, run_dir: Path | None = None, device: str = "auto") -> None:
         self.searcher = Searcher(index_dir, device, run_dir)
         self.index = self.searcher.index
+        if self.index.embeddings.dtype != torch.float32:  # converted once, not at every search
+            self.index.embeddings = self.index.embeddings.float()
         self.rows: dict[str, int] = {}
         for row, video in enumerate(self.index.videos):
             self.rows.setdefault(str(video["video_id"]), row)  # the first row of an id names it
