@@ -73,8 +73,10 @@ def build_index(run: Path, n: int, folder: Path) -> None:
     Index(embeddings, rows, index_meta(loaded, folder)).save(folder)
 
 
-def start_server(index: Path) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "ssbctl", "serve", str(index), "--port", "0", "--device", "cpu"],
+def start_server(index: Path, threads: int | None) -> tuple[subprocess.Popen, int]:
+    extra = ["--threads", str(threads)] if threads else []
+    proc = subprocess.Popen([sys.executable, "-m", "ssbctl", "serve", str(index), "--port", "0", "--device", "cpu",
+                             *extra],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:
@@ -143,6 +145,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0, help="Load time per index size.")
     parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="serve --threads (default: serve's own).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ssb-serve-bench-") as tmp:
         work = Path(tmp)
@@ -154,7 +157,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|---|---|---|")
         for n in (int(s) for s in args.sizes.split(",")):
             build_index(run, n, work / f"index-{n}")
-            proc, port = start_server(work / f"index-{n}")
+            proc, port = start_server(work / f"index-{n}", args.threads)
             try:
                 r = measure(port, args.clients, args.seconds, args.k, n)
             finally:

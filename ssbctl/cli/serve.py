@@ -67,6 +67,8 @@ def serve(
     port: Annotated[int, typer.Option(help="Port (0: any free one; the URL is printed).")] = 8000,
     token: Annotated[str | None, typer.Option(
         help="A secret every request must carry (Authorization: Bearer, X-Ssbctl-Token or ?token=).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        help="Intra-op threads for encoding and search (default: torch's, one per core).")] = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Search an index in the browser: a local page and a JSON API (needs ssbctl[serve])."""
@@ -77,6 +79,8 @@ def serve(
         raise UserError(f"--port must be from 0 to 65535, got {port}")
     if token is not None and not token.strip():
         raise UserError("--token is empty")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
     from urllib.parse import quote
 
     import uvicorn
@@ -85,6 +89,10 @@ def serve(
     from ssbctl.serve.service import Service
 
     sock = _bind(host, port)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         service = Service(index_dir, run_dir, device)  # model and index, loaded once
         loopback = host in LOOPBACK
