@@ -33,6 +33,7 @@ def test_wheel_ships_configs_and_split_files(tmp_path: Path) -> None:
         assert f"ssbctl/configs/models/{model}.toml" in names and f"ssbctl/configs/models/{model}.md" in names
     assert "ssbctl/data/splits/msrvtt/MSRVTT_JSFUSION_test.csv" in names
     assert "ssbctl/data/splits/msvd/test_list.txt" in names
+    assert {f"ssbctl/serve/static/{name}" for name in ("index.html", "app.js", "style.css")} <= names  # ssbctl serve
 
 
 def _requirements() -> dict[str, str]:

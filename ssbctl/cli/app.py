@@ -18,14 +18,14 @@ from typing import Annotated, Iterator
 import typer
 
 from ssbctl import __version__
-from ssbctl.cli import demo, evaluate, index, prepare, retrieve, train
+from ssbctl.cli import demo, evaluate, index, prepare, retrieve, serve, train
 from ssbctl.cli import recipes, runs
 from ssbctl.core.errors import DataError, TrainingError, UserError
 
 app = typer.Typer(name="ssbctl", no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
                   help="Support-Set Bottlenecks for video-text retrieval: prepare, train, evaluate, retrieve.")
 
-for module in (prepare, train, evaluate, index, retrieve, demo):
+for module in (prepare, train, evaluate, index, retrieve, demo, serve):
     name = module.__name__.rsplit(".", 1)[1]
     app.command(name, epilog=module.EPILOG)(getattr(module, name))
 app.add_typer(recipes.app, name="recipes", epilog=recipes.EPILOG)  # a group: list, show, copy

@@ -21,7 +21,9 @@ from ssbctl.retrieval.render import FRAMES, contact_sheet, heatmap, result_frame
 class Searcher:
     """An index and the run that made it."""
 
-    def __init__(self, index_dir: Path | None = None, device: str = "auto") -> None:
+    def __init__(self, index_dir: Path | None = None, device: str = "auto", run_dir: Path | None = None) -> None:
+        """Load the index and its run: the one ``index.json`` records, or ``run_dir`` when the run
+        has moved (the same checkpoint is looked for there)."""
         folder = Path(index_dir or search_index())
         self.index = Index.load(folder)
         bad = nonfinite_rows(self.index.embeddings)
@@ -29,7 +31,7 @@ class Searcher:
             raise DataError(f"index {self.index.folder} holds {bad} of {len(self.index.videos)} non-finite "
                             f"(NaN or Inf) embeddings; build it again from a sound checkpoint")
         field(self.index.meta, "run", str, f"{folder / 'index.json'}")  # the run that embeds queries
-        self.run = load_run(self.index.meta["run"], self.index.meta.get("checkpoint"), device)
+        self.run = load_run(run_dir or self.index.meta["run"], self.index.meta.get("checkpoint"), device)
         self._row_of = {v["video_id"]: i for i, v in enumerate(self.index.videos)}
         self._captions: dict[str, str] | None = None
         if self.index.embeddings.shape[1] != self.run.model.cfg.embed_dim:
