@@ -56,7 +56,10 @@ def read_run_recipe(run_dir: Path) -> Recipe:
     path = Path(run_dir) / RECIPE_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run folder (no {RECIPE_FILE})")
-    return recipe_from_dict(read_toml(path), resolve_model=False)
+    raw = read_toml(path)
+    if isinstance(raw.get("loss"), dict):  # runs written before the key existed trained with the sum
+        raw["loss"].setdefault("margin_reduction", "sum")
+    return recipe_from_dict(raw, resolve_model=False)
 
 
 def build_run_model(run_dir: Path, recipe: Recipe) -> tuple[SSBModel, Any]:
