@@ -9,7 +9,8 @@ side by side (mean and spread over seeds). ``--set`` overrides the recipe for ev
     python benchmarks/ablation_shapes.py --seeds 0 1 2 --epochs 12 --set loss.contrastive=max_margin --work W
 
 With ``--work``, each finished run's metrics are kept there (``result-MASK-SEED.json``) and the
-table so far is printed after every run: a rerun with the same folder skips what is done.
+table so far is printed after every run: a rerun with the same folder skips what is done and
+resumes a run it stopped in.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ssbctl.data.datasets.shapes import ShapesSpec
 from ssbctl.data.prepare import dataset_items, prepare_items
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import Sampling
+from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.inference.run import load_run
 from ssbctl.training import train
 from ssbctl.evaluation.evaluate import evaluate_split
@@ -38,15 +40,18 @@ KEYS = ("R1", "R5", "R10", "MdR")
 
 
 def run_one(data: Path, out: Path, mask: str, seed: int, epochs: int, extra: list[str]) -> dict:
-    """Train one mask and seed into ``out`` (a run left incomplete there is started over) and
-    evaluate it on the test split; the metrics are kept beside it as JSON."""
+    """Train one mask and seed into ``out`` and evaluate it on the test split; the metrics are kept
+    beside it as JSON. A run stopped there before is resumed from its last checkpoint (on the CPU
+    that ends with the weights of an uninterrupted run), one without a checkpoint started over."""
     done = out.parent / f"result-{mask}-{seed}.json"
     if done.is_file():
         return json.loads(done.read_text())
-    shutil.rmtree(out, ignore_errors=True)
+    resume = latest_checkpoint(out) is not None
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)
     recipe = load_recipe("shapes", [f'data.prepared="{data}"', f'model.support.mask="{mask}"',
                                     f"train.seed={seed}", f"train.epochs={epochs}", 'data.eval_split=""', *extra])
-    train(recipe, out)
+    train(recipe, out, resume=resume)
     loaded = load_run(out)
     result = evaluate_split(loaded.model, loaded.tokenizer, FeatureStore(data), "test", loaded.device)
     done.write_text(json.dumps(result))
