@@ -51,7 +51,9 @@ def run_one(data: Path, out: Path, mask: str, seed: int, epochs: int, extra: lis
         shutil.rmtree(out, ignore_errors=True)
     recipe = load_recipe("shapes", [f'data.prepared="{data}"', f'model.support.mask="{mask}"',
                                     f"train.seed={seed}", f"train.epochs={epochs}", 'data.eval_split=""', *extra])
-    train(recipe, out, resume=resume)
+    summary = train(recipe, out, resume=resume)
+    if summary["stopped_by"] is not None:  # a stopped run is resumed by the next rerun, never scored
+        raise SystemExit(f"stopped by {summary['stopped_by']} in {out}; rerun to resume")
     loaded = load_run(out)
     result = evaluate_split(loaded.model, loaded.tokenizer, FeatureStore(data), "test", loaded.device)
     done.write_text(json.dumps(result))
