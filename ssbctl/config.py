@@ -84,8 +84,11 @@ class SupportSetConfig:
 
 @dataclass(frozen=True)
 class DecoderConfig:
-    """Lightweight transformer decoder that reconstructs the caption from the bottleneck."""
+    """The decoder that reconstructs the caption from the bottleneck."""
 
+    # light: a small transformer over the training captions' tokens (the keys below); t5: the T5 text
+    # model's own pretrained decoder and vocabulary (needs a T5 text model; hidden_dim is the memory width)
+    kind: str = _choice("light", ("light", "t5"))
     hidden_dim: int = _min(256, 8)  # decoder width
     layers: int = _min(2, 1)  # decoder layers
     heads: int = _min(4, 1)  # attention heads; must divide hidden_dim
@@ -112,6 +115,9 @@ class LossConfig:
 
     contrastive: str = _choice("infonce", ("infonce", "max_margin"))  # the paper used max_margin
     margin: float = _min(0.2, 0.0)  # max_margin only
+    # max_margin only: mean: the hinge averaged over the negative pairs (MMT's; its scale does not
+    # grow with the batch); sum: summed over negatives and divided by the batch (ssbctl <= 0.x's)
+    margin_reduction: str = _choice("mean", ("mean", "sum"))
     init_temperature: float = _min(0.07, 1e-4)  # InfoNCE: initial value of the learned temperature
     max_logit_scale: float = _min(100.0, 1.0)  # InfoNCE: clamp of 1/temperature
     caption_weight: float = _min(1.0, 0.0)  # lambda

@@ -126,9 +126,10 @@ def misbehaving_decode(path: Path, sampling: dict, features: bool, decoders: tup
     return decode_job(path, sampling, features, decoders)
 
 
-def tiny_text_model(folder: Path, family: str, dropout: float | None = None) -> Path:
+def tiny_text_model(folder: Path, family: str, dropout: float | None = None, seq2seq: bool = False) -> Path:
     """A random 1-layer text model of ``family`` (bert, t5, clip) with a small word-level tokenizer;
-    ``dropout`` replaces the family's default dropout rates (0.0: deterministic outputs)."""
+    ``dropout`` replaces the family's default dropout rates (0.0: deterministic outputs); ``seq2seq``
+    (t5): a whole T5 with its decoder (what ``model.decoder.kind = "t5"`` needs), not the encoder alone."""
     import torch
     import transformers
 
@@ -139,8 +140,9 @@ def tiny_text_model(folder: Path, family: str, dropout: float | None = None) -> 
              "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob")}[family]
     common.update({} if dropout is None else dict.fromkeys(rates, dropout))
     if family == "t5":
-        model = transformers.T5EncoderModel(transformers.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                                                                  num_heads=2, decoder_start_token_id=0, **common))
+        t5 = transformers.T5ForConditionalGeneration if seq2seq else transformers.T5EncoderModel
+        model = t5(transformers.T5Config(d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                         decoder_start_token_id=0, **common))
     elif family == "clip":  # with CLIP's text projection (512-d, as CLIPTextConfig's default), as CLIP has
         model = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
             hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

@@ -39,6 +39,9 @@ def test_bf16_and_fp16_losses_match_fp32_and_the_scaler_state_resumes(cpu_amp: N
         for key in ("loss", "contrastive_loss", "caption_loss"):
             assert rows[precision][0][key] == pytest.approx(rows["fp32"][0][key], rel=2e-2), (precision, key)
     assert rows["bf16"][0]["grad_norm"] == pytest.approx(rows["fp32"][0]["grad_norm"], rel=2e-2)
+    for precision in ("bf16", "fp16"):  # the terms' gradients on the embeddings: autocast, fp16 scale divided out
+        for key in ("embed_grad_contrastive", "embed_grad_caption"):
+            assert rows[precision][0][key] == pytest.approx(rows["fp32"][0][key], rel=2e-2), (precision, key)
     # fp16 starts at a loss scale of 2**16; gradients that overflow skip the update and halve it.
     assert rows["fp16"][0]["loss_scale"] in (2.0**16, 2.0**15) and math.isfinite(rows["fp16"][-1]["grad_norm"])
     assert "loss_scale" not in rows["bf16"][0]

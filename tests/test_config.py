@@ -65,10 +65,15 @@ def test_every_recipe_launch_line_is_a_valid_command_for_this_recipe(name: str) 
     for params in commands["train"]:
         assert params["recipe"] == name
         load_recipe(name, params["overrides"] or [])
-    (prepare,) = commands["prepare"]
-    backbone = (prepare["backbones"] or ["pixels"])[0]
-    tag = DEFAULT_CLIP.rsplit("/", 1)[-1] if backbone == "clip" else backbone
-    assert recipe.data.prepared == f"{prepare['dataset']}-{tag}"
+    if all(p["features"] is not None for p in commands["prepare"]):  # imported experts, one prepare each
+        assert [p["output"].name for p in commands["prepare"]] == [recipe.data.prepared, *recipe.data.experts]
+        assert all(p["output"].parent.name == "data" for p in commands["prepare"])  # $SSBCTL_HOME/data/NAME
+        prepare = commands["prepare"][0]
+    else:
+        (prepare,) = commands["prepare"]
+        backbone = (prepare["backbones"] or ["pixels"])[0]
+        tag = DEFAULT_CLIP.rsplit("/", 1)[-1] if backbone == "clip" else backbone
+        assert recipe.data.prepared == f"{prepare['dataset']}-{tag}"
     assert prepare["frames"] in (None, dataset_spec(prepare["dataset"]).protocol.max_frames)
     if name != "shapes":
         (evaluate,) = commands["evaluate"]

@@ -54,9 +54,60 @@ def test_max_margin_matches_hand_computation() -> None:
     v = _f64([[0.6, 0.8], [1.0, 0.0]])
     # sims: s00=.6 s01=1, s10=.8 s11=0; margin .2
     # t2v: i=0: [.2+1-.6]=.6 ; i=1: [.2+.8-0]=1.0 ; v2t: video0: [.2+.8-.6]=.4 ; video1: [.2+1-0]=1.2
-    expected = (0.6 + 1.0 + 0.4 + 1.2) / 2
-    got = max_margin_loss(t, v, torch.tensor([0, 1]), 0.2)
-    assert got.item() == pytest.approx(expected, rel=1e-12)
+    hinges = 0.6 + 1.0 + 0.4 + 1.2
+    summed = max_margin_loss(t, v, torch.tensor([0, 1]), 0.2, "sum")
+    assert summed.item() == pytest.approx(hinges / 2, rel=1e-12)  # over negatives, divided by B = 2
+    mean = max_margin_loss(t, v, torch.tensor([0, 1]), 0.2, "mean")
+    assert mean.item() == pytest.approx(hinges / 4, rel=1e-12)  # over the 2B(B-1) = 4 negative hinges
+
+
+def test_max_margin_mean_counts_only_pairs_of_other_videos() -> None:
+    """Captions 0 and 1 show the same video: (0, 1) and (1, 0) are neither positives nor negatives,
+    so 4 ordered pairs of other videos remain, 8 hinges in all."""
+    t = _f64([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    v = _f64([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    ids = torch.tensor([5, 5, 9])
+    # sims s_ij = t_i . v_j: row 0: 1, 1, 0; row 1: .8, .8, .6; row 2: 0, 0, 1; margin .5
+    # t2v (caption i vs video j): (0,2) [.5+0-1]=0 ; (1,2) [.5+.6-.8]=.3 ; (2,0) [.5+0-1]=0 ; (2,1) 0
+    # v2t (video i vs caption j): (0,2) [.5+s20-s00]=0 ; (1,2) [.5+s21-s11]=0 ; (2,0) [.5+s02-s22]=0 ;
+    #     (2,1) [.5+s12-s22]=[.5+.6-1]=.1
+    hinges = 0.3 + 0.1
+    got = max_margin_loss(t, v, ids, 0.5, "mean")
+    assert got.item() == pytest.approx(hinges / 8, rel=1e-12)
+    assert max_margin_loss(t, v, ids, 0.5, "sum").item() == pytest.approx(hinges / 3, rel=1e-12)
+
+
+def _hinge_at_batch(batch: int, reduction: str | None, draws: int = 8) -> float:
+    """The max-margin term through SSBLoss on random normalised embeddings (D = 256), averaged over
+    ``draws`` seeds; ``reduction`` None: the configured default."""
+    extra = {} if reduction is None else {"margin_reduction": reduction}
+    loss = SSBLoss(LossConfig(contrastive="max_margin", margin=0.2, **extra))
+    values = []
+    for seed in range(draws):
+        gen = torch.Generator().manual_seed(seed)
+        t = F.normalize(torch.randn(batch, 256, generator=gen, dtype=torch.float64), dim=-1)
+        v = F.normalize(torch.randn(batch, 256, generator=gen, dtype=torch.float64), dim=-1)
+        values.append(loss(t, v, torch.arange(batch), torch.tensor(0.0))["contrastive_loss"].item())
+    return sum(values) / draws
+
+
+def test_max_margin_default_scale_does_not_grow_with_the_batch() -> None:
+    """Doubling B leaves the (default) hinge term's scale unchanged, so ``caption_weight`` means the
+    same at every batch size. On random embeddings each hinge is ``[0.2 + s_ij - s_ii]_+`` with
+    similarities of spread 1/16, so its expectation (about 0.2) does not depend on B; the mean of
+    8 draws of 2B(B-1) >= 8064 hinges is within a fraction of a percent of it. 5% leaves room for
+    that noise and still fails the former reduction (a sum over negatives over B), which is
+    about 2(B-1) times the mean: 25 at B = 64 and 51 at B = 128, a ratio of 2.0."""
+    small, large = _hinge_at_batch(64, None), _hinge_at_batch(128, None)
+    assert large / small == pytest.approx(1.0, abs=0.05), (small, large)
+    assert small == pytest.approx(0.2, rel=0.1)
+
+
+def test_max_margin_sum_reduction_is_kept_and_grows_with_the_batch() -> None:
+    """``loss.margin_reduction = "sum"`` keeps the former scale (for old runs and comparisons)."""
+    small, large = _hinge_at_batch(64, "sum"), _hinge_at_batch(128, "sum")
+    assert small / _hinge_at_batch(64, "mean") == pytest.approx(2 * 63, rel=1e-9)
+    assert large / small == pytest.approx(2 * 127 / (2 * 63), rel=0.05)
 
 
 def test_caption_loss_ignores_padding() -> None:

@@ -9,6 +9,7 @@ widths and batch, two steps) and dropout, which one process and two would draw d
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,12 +24,16 @@ from ssbctl.config import Recipe, load_recipe
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.core.io import read_jsonl
 from ssbctl.core.paths import shipped_configs
+from ssbctl.objective.grad_norms import CAPTION_KEY, CONTRASTIVE_KEY, RATIO_KEY
+
+EMBED_GRADS = (CONTRASTIVE_KEY, CAPTION_KEY, RATIO_KEY)  # the terms' gradient norms on the embeddings
 
 RECIPES = sorted(shipped_configs("recipes"))
 TESTS = Path(__file__).resolve().parent
 
 # Frame-feature size of each backbone a shipped recipe's prepared data names (NAME-<backbone>).
-EXPERT_DIMS = {"clip-vit-base-patch32": 512, "pixels": 768}
+EXPERT_DIMS = {"clip-vit-base-patch32": 512, "pixels": 768,
+               "appearance": 2048, "motion": 512}  # msrvtt-paper's imported ResNet-152 and R(2+1)D-34 features
 
 TINY: dict[str, object] = {
     "model.embed_dim": 16, "model.video.hidden_dim": 16, "model.video.layers": 1, "model.video.heads": 2,
@@ -74,7 +79,8 @@ def _stand_ins(name: str, root: Path, home: Path) -> list[str]:
     values = dict(TINY)
     family = _family(recipe.model.text.pretrained)
     if family is not None:
-        values["model.text.pretrained"] = str(fixtures.tiny_text_model(root / f"text-{name}", family, dropout=0.0))
+        values["model.text.pretrained"] = str(fixtures.tiny_text_model(root / f"text-{name}", family, dropout=0.0,
+                                                                      seq2seq=recipe.model.decoder.kind == "t5"))
     assert not [k for k in values if k.startswith(SHIPPED)], "the stand-ins must keep the recipe's own config"
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
@@ -128,8 +134,9 @@ def test_recipe_trains_under_two_process_torchrun_with_one_process_gradients(
     rows_two = [r for r in read_jsonl(Path(job["run_dir"]) / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [1, 2]
     for a, b in zip(rows_one, rows_two):
-        for key in ("loss", "contrastive_loss", "caption_loss", "grad_norm"):
+        for key in ("loss", "contrastive_loss", "caption_loss", "grad_norm", *EMBED_GRADS):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a["step"])
+        assert all(math.isfinite(a[key]) for key in EMBED_GRADS) and a[CONTRASTIVE_KEY] > 0
         assert ("temperature" in b) == (recipe.loss.contrastive == "infonce")
     state = json.loads((latest_checkpoint(Path(job["run_dir"])) / "state.json").read_text())
     assert state["step"] == 2 and state["world"] == 2

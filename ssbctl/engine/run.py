@@ -71,6 +71,8 @@ def read_run_recipe(run_dir: Path) -> Recipe:
             raise DataError(f"{record}: record format {data.get('format_version')!r} is not {RECORD_VERSION}; "
                             "upgrade ssbctl to read this run")
         raw = deep_merge(raw, field(data, "recorded", dict, str(record)))
+    if isinstance(raw.get("loss"), dict):  # runs written before the key existed trained with the sum
+        raw["loss"].setdefault("margin_reduction", "sum")
     return recipe_from_dict(raw, resolve_model=False)
 
 

@@ -36,6 +36,8 @@ from ssbctl.core.errors import DataError, TrainingError, UserError
 from ssbctl.core.io import append_jsonl, atomic_write_text, jsonl_text, read_jsonl
 from ssbctl.data.batch import Batch
 from ssbctl.model.ssb import SSBModel, build_model
+from ssbctl.model.t5_decoder import PRETRAINED_PREFIXES as PRETRAINED_DECODER
+from ssbctl.objective.grad_norms import as_metrics
 from ssbctl.objective.step import SSBObjective
 from ssbctl.data.store import open_stores
 from ssbctl.core.validate import field as require
@@ -101,7 +103,7 @@ def _param_groups(model: SSBModel,
     groups: dict[tuple[bool, bool], list[tuple[str, torch.nn.Parameter]]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad or (legacy and not name.startswith("text.")):
-            key = (name.startswith("text.backbone."), p.ndim < 2)
+            key = (name.startswith(("text.backbone.", *PRETRAINED_DECODER)), p.ndim < 2)
             groups.setdefault(key, []).append((name, p))
     return dict(sorted(groups.items()))
 
@@ -112,7 +114,7 @@ def optimizer_param_names(model: SSBModel, legacy: bool = False) -> list[list[st
 
 
 def build_optimizer(model: SSBModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; the pretrained text backbone at ``text_lr``; no decay on biases, norms, scales."""
+    """AdamW; the pretrained text backbone (and T5 decoder) at ``text_lr``; no decay on biases, norms, scales."""
     return torch.optim.AdamW(
         [{"params": [p for _, p in ps], "lr": cfg.text_lr if pretrained else cfg.lr,
           "weight_decay": 0.0 if no_decay else cfg.weight_decay}
@@ -366,6 +368,8 @@ class Trainer:
         The terms are None (and nothing is updated) when the loss is not finite."""
         batch = batch.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
+        logged = (self.state.step + 1) % self.cfg.log_every == 0  # measure the terms' gradients for its row
+        self.objective.grad_probe = (self.scaler.get_scale() if self.scaler.is_enabled() else 1.0) if logged else None
         terms = self._backward(batch)
         bad, stop = self._agree(terms["loss"])
         if bad:
@@ -413,7 +417,8 @@ class Trainer:
         if not self.dist.is_main:
             return
         row = {"step": self.state.step, "epoch": self.state.epoch, **self._learning_rates(),
-               **terms, "clips_per_s": clips_per_s * self.dist.world, "data_wait": data_wait, "time": time.time()}
+               **terms, **as_metrics(self.objective.take_grad_norms()),
+               "clips_per_s": clips_per_s * self.dist.world, "data_wait": data_wait, "time": time.time()}
         if self.module.temperature is not None:  # InfoNCE's learned temperature; max-margin has none
             row["temperature"] = self.module.temperature
         if self.scaler.is_enabled():

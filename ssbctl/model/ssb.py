@@ -15,7 +15,8 @@ from ssbctl.config import LossConfig, ModelConfig
 from ssbctl.data.batch import Batch
 from ssbctl.model.decoder import CaptionDecoder, decoder_vocab
 from ssbctl.model.support_set import SupportSetBottleneck
-from ssbctl.model.text_encoder import TextEncoder, load_text_backbone
+from ssbctl.model.t5_decoder import T5CaptionDecoder, check_t5, load_t5_decoder
+from ssbctl.model.text_encoder import TextEncoder, load_text_backbone, resolve_source
 from ssbctl.model.precision import fp32_or_wider
 from ssbctl.model.video_encoder import VideoEncoder
 
@@ -33,7 +34,8 @@ class SSBModel(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, loss: LossConfig, text_backbone: nn.Module,
-                 tokenizer_size: int, vocab: torch.Tensor | None = None) -> None:
+                 tokenizer_size: int, vocab: torch.Tensor | None = None,
+                 decoder: T5CaptionDecoder | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.contrastive = loss.contrastive
@@ -44,10 +46,15 @@ class SSBModel(nn.Module):
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / loss.init_temperature)),
                                             requires_grad=loss.contrastive == "infonce")
         self.support: SupportSetBottleneck | None = None
-        self.decoder: CaptionDecoder | None = None
+        self.decoder: CaptionDecoder | T5CaptionDecoder | None = None
         if cfg.support.mask != "none":
             self.support = SupportSetBottleneck(cfg.support, cfg.embed_dim, cfg.decoder.hidden_dim)
-            self.decoder = CaptionDecoder(cfg.decoder, tokenizer_size, cfg.text.max_tokens, vocab)
+            if cfg.decoder.kind == "t5":  # given pretrained, or of the run's architecture (weights: its checkpoint)
+                text_config: Any = text_backbone.config  # the Hugging Face model's config
+                check_t5(text_config, cfg.text.pretrained)
+                self.decoder = decoder or T5CaptionDecoder(text_config, cfg.decoder.hidden_dim, tokenizer_size)
+            else:
+                self.decoder = CaptionDecoder(cfg.decoder, tokenizer_size, cfg.text.max_tokens, vocab)
 
     @property
     def temperature(self) -> float | None:
@@ -101,10 +108,13 @@ def build_model(cfg: ModelConfig, loss: LossConfig, feature_dims: tuple[int, ...
     config (input dims and decoder vocabulary size filled in, as needed to rebuild it)."""
     backbone, tokenizer = load_text_backbone(cfg.text.pretrained, projected=cfg.text.pooling == "projected")
     cfg = dataclasses.replace(cfg, video=dataclasses.replace(cfg.video, input_dims=feature_dims))
-    vocab = None
-    if cfg.support.mask != "none":
+    vocab, decoder = None, None
+    if cfg.support.mask != "none" and cfg.decoder.kind == "t5":
+        decoder = load_t5_decoder(cfg.text.pretrained, resolve_source(cfg.text.pretrained), backbone.config,
+                                  cfg.decoder.hidden_dim, len(tokenizer))
+    elif cfg.support.mask != "none":
         seen = (caption_token_ids(tokenizer, train_captions, cfg.text.max_tokens)
                 if cfg.decoder.vocab == "train" else None)
         vocab = decoder_vocab(seen, len(tokenizer))
         cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, vocab_size=len(vocab) + 2))
-    return SSBModel(cfg, loss, backbone, len(tokenizer), vocab), tokenizer, cfg
+    return SSBModel(cfg, loss, backbone, len(tokenizer), vocab, decoder), tokenizer, cfg

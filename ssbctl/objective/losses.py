@@ -45,18 +45,26 @@ def infonce_loss(text: torch.Tensor, video: torch.Tensor, video_ids: torch.Tenso
 
 
 def max_margin_loss(text: torch.Tensor, video: torch.Tensor, video_ids: torch.Tensor,
-                    margin: float) -> torch.Tensor:
-    """Bidirectional max-margin ranking loss (the paper's choice), summed over negatives.
+                    margin: float, reduction: str = "mean") -> torch.Tensor:
+    """Bidirectional max-margin ranking loss (the paper's choice).
 
-    For each positive pair ``(i, i)``: ``sum_j [m + s_ij - s_ii]_+ + [m + s_ji - s_ii]_+`` over
-    the ``j`` that show another video, averaged over the batch.
+    Each positive pair ``(i, i)`` and each ``j`` that shows another video give two hinges,
+    ``[m + s_ij - s_ii]_+`` (caption ``i`` against video ``j``) and ``[m + s_ji - s_ii]_+``.
+    ``mean`` averages them over all those negatives (``2B(B-1)`` with distinct videos; MMT's
+    ``fix_norm``), so the term's scale does not depend on the batch size; ``sum`` adds them and
+    divides by the batch (ssbctl's former reduction), which grows like ``2(B-1)`` times the mean.
     """
     sims = text @ video.t()  # (B, B)
     pos = sims.diagonal()
     negative = ~same_video(video_ids)
     t2v = (margin + sims - pos[:, None]).clamp(min=0) * negative
     v2t = (margin + sims - pos[None, :]).clamp(min=0) * negative
-    return (t2v.sum() + v2t.sum()) / sims.shape[0]
+    total = t2v.sum() + v2t.sum()
+    if reduction == "sum":
+        return total / sims.shape[0]
+    if reduction == "mean":
+        return total / (2 * negative.sum()).clamp(min=1)
+    raise ValueError(f"no max-margin reduction {reduction!r}")
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -98,7 +106,8 @@ class SSBLoss(nn.Module):
                 scale = fp32_or_wider(log_scale).clamp(max=self.max_log_scale).exp()
                 contrastive = infonce_loss(fp32_or_wider(text), fp32_or_wider(video), video_ids, scale)
             else:
-                contrastive = max_margin_loss(fp32_or_wider(text), fp32_or_wider(video), video_ids, self.cfg.margin)
+                contrastive = max_margin_loss(fp32_or_wider(text), fp32_or_wider(video), video_ids, self.cfg.margin,
+                                              self.cfg.margin_reduction)
         out = {"contrastive_loss": contrastive}
         total = contrastive
         if caption_logits is not None and caption_targets is not None:

@@ -15,6 +15,7 @@ from ssbctl.config import LossConfig
 from ssbctl.core.distributed import gather_no_grad, gather_with_grad, global_offset
 from ssbctl.data.batch import Batch
 from ssbctl.model.ssb import SSBModel
+from ssbctl.objective.grad_norms import embedding_grad_norms
 from ssbctl.objective.losses import SSBLoss
 
 
@@ -28,6 +29,10 @@ class SSBObjective(nn.Module):
         super().__init__()
         self.model = model
         self.loss = SSBLoss(cfg)
+        # Set before a forward to measure each term's gradient norm on the embeddings in it (the value
+        # is the fp16 loss scale, 1.0 without one; None: no measurement); read with take_grad_norms.
+        self.grad_probe: float | None = None
+        self.grad_norms: dict[str, torch.Tensor] = {}
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"loss", "contrastive_loss"[, "caption_loss"]}`` for one batch.
@@ -44,4 +49,19 @@ class SSBObjective(nn.Module):
         all_ids = gather_no_grad(batch.video_index)  # (G,)
         caption = self.model.reconstruct(video, batch, all_video, all_ids, global_offset(video.shape[0]))
         logits, targets = caption if caption is not None else (None, None)
-        return self.loss(all_text, all_video, all_ids, self.model.log_logit_scale, logits, targets)
+        terms = self.loss(all_text, all_video, all_ids, self.model.log_logit_scale, logits, targets)
+        self._measure(terms, video, text)
+        return terms
+
+    @torch.compiler.disable  # reads and sets plain attributes; autograd.grad runs eagerly
+    def _measure(self, terms: dict[str, torch.Tensor], video: torch.Tensor, text: torch.Tensor) -> None:
+        """With ``grad_probe`` set: each term's gradient norm on this batch's embeddings, kept in
+        ``grad_norms`` (see :mod:`ssbctl.objective.grad_norms`)."""
+        if self.grad_probe is not None:
+            self.grad_norms = embedding_grad_norms(terms, self.loss.cfg.caption_weight, (video, text),
+                                                   self.grad_probe)
+
+    def take_grad_norms(self) -> dict[str, torch.Tensor]:
+        """The norms the last measured forward computed (then forgotten; empty when none was measured)."""
+        norms, self.grad_norms = self.grad_norms, {}
+        return norms
