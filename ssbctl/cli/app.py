@@ -19,6 +19,7 @@ import typer
 
 from ssbctl import __version__
 from ssbctl.cli import demo, evaluate, index, prepare, retrieve, train
+from ssbctl.cli import caption as caption_command
 from ssbctl.core.errors import DataError, TrainingError, UserError
 
 app = typer.Typer(name="ssbctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -27,6 +28,7 @@ app = typer.Typer(name="ssbctl", no_args_is_help=True, add_completion=False, pre
 for module in (prepare, train, evaluate, index, retrieve, demo):
     name = module.__name__.rsplit(".", 1)[1]
     app.command(name, epilog=module.EPILOG)(getattr(module, name))
+app.command("caption", epilog=caption_command.EPILOG)(caption_command.caption)
 
 
 def _print_version(value: bool) -> None:
