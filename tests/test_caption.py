@@ -195,3 +195,29 @@ def test_caption_cli_refuses_a_run_without_a_decoder_and_bad_arguments(trained, 
                         (["--index", str(index_dir), "--beam", "0"], "at least 1")):
         assert main(["caption", str(run_dir), *args]) == 2, args
         assert words in capsys.readouterr().err
+
+
+def test_the_benchmark_reads_the_generators_own_captions_right() -> None:
+    """benchmarks/caption_shapes.py's attribute check, on the generator's captions of 300 scenes:
+    every attribute a caption names is found as the scene's (the colour may be left out)."""
+    import importlib.util
+
+    import numpy as np
+
+    from ssbctl.data.datasets.shapes import ShapesSpec, captions, sample_scene
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "caption_shapes.py"
+    spec = importlib.util.spec_from_file_location("caption_shapes", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    scenes, hyps = {}, {}
+    for i in range(300):
+        rng = np.random.default_rng([7, i])
+        scenes[str(i)] = sample_scene(rng, ShapesSpec())
+        hyps[str(i)] = captions(rng, scenes[str(i)], 1)[0]
+    shares = bench.attribute_shares(hyps, scenes)
+    assert shares["shape"] == 100.0 and shares["motion"] == 100.0
+    assert 80.0 <= shares["colour"] < 100.0  # 10% of noun phrases leave the colour out
+    wrong = {k: "a big green wedge rises" for k in hyps}  # one fixed caption: right only by chance
+    assert max(bench.attribute_shares(wrong, scenes).values()) < 40.0

@@ -271,11 +271,10 @@ def caption_videos(run: LoadedRun, videos: torch.Tensor, support: SupportVideos 
             raise UserError(f"video {_name(ids, paths, start + empty[0])} has no other video to draw on under the "
                             f"cross mask: the index holds only itself")
         memory = bottleneck.read(weights, items)  # (q, slots, W)
-        for i in range(block.shape[0]):
-            q = start + i
-            gen = (beam_search(decoder, memory[i:i + 1], beam, max_len, alpha) if beam > 1
-                   else greedy(decoder, memory[i:i + 1], max_len, alpha)[0])
-            results.append(_result(run, decoder, gen, weights[i], support, _name(ids, paths, q), own[i], top))
+        decoded = (greedy(decoder, memory, max_len, alpha) if beam == 1  # the whole block at once
+                   else [beam_search(decoder, memory[i:i + 1], beam, max_len, alpha) for i in range(len(memory))])
+        for i, gen in enumerate(decoded):
+            results.append(_result(run, decoder, gen, weights[i], support, _name(ids, paths, start + i), own[i], top))
     return results
 
 
