@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
 from ssbctl.core.errors import UserError
-
-if TYPE_CHECKING:
-    from ssbctl.inference.run import LoadedRun
+from ssbctl.model.ssb import SSBModel
 
 SAME_EMBEDDING_ATOL = 1e-4  # unit vectors this close are one video embedded twice (float noise)
 QUERY_BLOCK = 64  # videos whose attention is computed together
@@ -43,6 +41,19 @@ class GenerationDecoder(Protocol):
 
     def to_tokenizer_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Tokenizer ids of decoder ids (negative where there is none)."""
+        ...
+
+
+class CaptioningRun(Protocol):
+    """What captioning needs of a loaded run (``ssbctl.inference.run.LoadedRun``)."""
+
+    model: SSBModel
+    tokenizer: Any
+    device: torch.device
+
+    @property
+    def source(self) -> str:
+        """The run and checkpoint, as messages name them."""
         ...
 
 
@@ -209,7 +220,7 @@ def _allowed(mask: str, n_support: int, selves: list[list[int]], own: list[int])
     return allowed
 
 
-def run_decoder(run: LoadedRun) -> GenerationDecoder:
+def run_decoder(run: CaptioningRun) -> GenerationDecoder:
     """The run's caption decoder, its end tokens taken from the run's tokenizer; a UserError for a
     run trained without a support set."""
     from ssbctl.model.decoder import CaptionDecoder
@@ -226,13 +237,13 @@ def run_decoder(run: LoadedRun) -> GenerationDecoder:
     return decoder
 
 
-def _text(run: LoadedRun, decoder: GenerationDecoder, ids: list[int]) -> str:
+def _text(run: CaptioningRun, decoder: GenerationDecoder, ids: list[int]) -> str:
     tokens = [t for t in decoder.to_tokenizer_ids(torch.tensor(ids, dtype=torch.long)).tolist() if t >= 0]
     return str(run.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
 
 
 @torch.no_grad()
-def caption_videos(run: LoadedRun, videos: torch.Tensor, support: SupportVideos | None = None, *,
+def caption_videos(run: CaptioningRun, videos: torch.Tensor, support: SupportVideos | None = None, *,
                    ids: Sequence[str | None] | None = None, paths: Sequence[str | Path | None] | None = None,
                    beam: int = 1, top: int = 5, max_len: int | None = None,
                    alpha: float = 1.0) -> list[CaptionResult]:
@@ -282,7 +293,7 @@ def _name(ids: Sequence[str | None], paths: Sequence[str | Path | None], q: int)
     return str(ids[q] if ids[q] is not None else paths[q] if paths[q] is not None else f"video {q + 1}")
 
 
-def _result(run: LoadedRun, decoder: GenerationDecoder, gen: Generated, row: torch.Tensor,
+def _result(run: CaptioningRun, decoder: GenerationDecoder, gen: Generated, row: torch.Tensor,
             support: SupportVideos | None, name: str, own: int, top: int) -> CaptionResult:
     """The caption record of one video: text, scores, the full distribution and its top ``top``."""
     n_support = len(support.videos) if support is not None else 0
