@@ -142,7 +142,7 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
     samples: dict[str, dict[str, str]] = {}
     for mask in args.masks:
-        run_dir = trained_run(data, args.work / f"run-{mask}-{args.seed}", mask, args.seed, args.epochs)
+        run_dir = trained_run(data, args.work / f"run-{mask}-s{args.seed}-e{args.epochs}", mask, args.seed, args.epochs)
         hyps, seconds = caption_split(run_dir, store, "test", args.beam)
         hyps = {v: hyps[v] for v in refs}
         rows[mask] = {**attribute_shares(hyps, scenes), **coco_scores(hyps, refs), "s/video": seconds / len(hyps)}
