@@ -20,6 +20,7 @@ import typer
 from ssbctl import __version__
 from ssbctl.cli import demo, evaluate, index, prepare, retrieve, serve, train
 from ssbctl.cli import recipes, runs
+from ssbctl.cli import caption as caption_command
 from ssbctl.core.errors import DataError, TrainingError, UserError
 
 app = typer.Typer(name="ssbctl", no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
@@ -28,6 +29,7 @@ app = typer.Typer(name="ssbctl", no_args_is_help=True, add_completion=True, pret
 for module in (prepare, train, evaluate, index, retrieve, demo, serve):
     name = module.__name__.rsplit(".", 1)[1]
     app.command(name, epilog=module.EPILOG)(getattr(module, name))
+app.command("caption", epilog=caption_command.EPILOG)(caption_command.caption)
 app.add_typer(recipes.app, name="recipes", epilog=recipes.EPILOG)  # a group: list, show, copy
 app.command("runs", epilog=runs.EPILOG)(runs.runs)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -21,6 +21,9 @@ from ssbctl.engine.checkpoint import find_checkpoint, load_weights
 from ssbctl.engine.run import build_run_model, read_expert_specs, read_run_recipe
 from ssbctl.model.embed import embed_features, embed_texts, require_finite
 from ssbctl.model.ssb import SSBModel
+
+if TYPE_CHECKING:
+    from ssbctl.inference.caption import CaptionResult, SupportVideos
 
 Progress = Callable[[int, int], None]
 
@@ -73,6 +76,15 @@ class LoadedRun:
                 raise UserError(f"cannot read video {files[i]}: {reason}")
             feats.append(f)
         return embedder.embed(feats)
+
+    def caption(self, video_embeddings: torch.Tensor, support: SupportVideos | None = None, *,
+                ids: Sequence[str | None] | None = None, paths: Sequence[str | Path | None] | None = None,
+                beam: int = 1, top: int = 5) -> list[CaptionResult]:
+        """Caption videos ``(Q, D)`` from their support-set attention over ``support`` (an index
+        of this run) under the run's own mask; see :func:`ssbctl.inference.caption.caption_videos`."""
+        from ssbctl.inference.caption import caption_videos
+
+        return caption_videos(self, video_embeddings, support, ids=ids, paths=paths, beam=beam, top=top)
 
 
 def load_run(run_dir: str | Path, checkpoint: str | None = None, device: str = "auto") -> LoadedRun:

@@ -56,13 +56,23 @@ class SupportSetBottleneck(nn.Module):
                   support_ids: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
         """Attention weights ``(Q, S)``; a row with no allowed item is all zeros."""
         support = video if support is None else support
+        pos = torch.arange(video.shape[0], device=video.device) + offset
+        return self.masked_attention(video, support, support_mask(self.cfg.mask, video_ids, support_ids, pos))
+
+    def masked_attention(self, video: torch.Tensor, support: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Attention weights ``(Q, S)`` of ``video`` over the ``support`` items that ``allowed``
+        ``(Q, S)`` marks (the mask's rule applied by the caller, as captioning does for videos
+        that may or may not be in the support set); a row with no allowed item is all zeros."""
         q = F.normalize(self.query(video), dim=-1)  # (Q, D)
         k = F.normalize(self.key(support), dim=-1)  # (S, D)
         logits = fp32_or_wider(q @ k.t()) / self.cfg.temperature  # (Q, S)
-        pos = torch.arange(video.shape[0], device=video.device) + offset
-        allowed = support_mask(self.cfg.mask, video_ids, support_ids, pos)
         weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
         return torch.where(allowed.any(dim=-1, keepdim=True), weights, torch.zeros_like(weights))
+
+    def read(self, weights: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """The bottleneck memory ``(Q, slots, memory_dim)``: ``weights (Q, S)`` over ``val(support)``."""
+        values = self.value(support).view(support.shape[0], -1)  # (S, slots * M)
+        return (weights.to(values.dtype) @ values).view(-1, self.cfg.slots, self.memory_dim)
 
     def forward(self, video: torch.Tensor, video_ids: torch.Tensor, support: torch.Tensor | None = None,
                 support_ids: torch.Tensor | None = None, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +83,4 @@ class SupportSetBottleneck(nn.Module):
         """
         support = video if support is None else support
         weights = self.attention(video, video_ids, support, support_ids, offset)
-        values = self.value(support).view(support.shape[0], -1)  # (S, slots * M)
-        memory = (weights.to(values.dtype) @ values).view(-1, self.cfg.slots, self.memory_dim)
-        return memory, weights
+        return self.read(weights, support), weights
