@@ -91,7 +91,7 @@ def test_search_returns_the_json_of_retrieve(served, client: TestClient, service
 
 def test_concurrent_queries_are_batched_and_each_gets_its_own_answer(service: Service) -> None:
     texts = [f"a {c} {s} moves to the left" for c in ("red", "green", "blue", "yellow") for s in ("circle", "box")]
-    expected = service.index.search(service.searcher.encode_texts(texts), 3)
+    expected = service.searcher.described(service.index.search(service.searcher.encode_texts(texts), 3))
     start = threading.Barrier(len(texts))
     answers: dict[int, list[dict[str, Any]]] = {}
 

@@ -100,7 +100,7 @@ class Batcher:
         try:
             with self.lock, torch.inference_mode():
                 queries = self.searcher.encode_texts([j.text for j in batch])
-                hits = self.searcher.index.search(queries, max(j.k for j in batch))
+                hits = self.searcher.described(self.searcher.index.search(queries, max(j.k for j in batch)))
         except BaseException as exc:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
             for job in batch:
                 job.future.set_exception(exc)
@@ -165,7 +165,7 @@ class Service:
         """Top-``k`` videos like an indexed one (its stored embedding as the query; itself first)."""
         row = self.row(video_id)
         query = self.index.embeddings[row: row + 1].float()
-        return finite(self.index.search(query, k)[0])
+        return finite(self.searcher.described(self.index.search(query, k))[0])
 
     def explain(self, text: str | None, video_id: str | None, k: int) -> dict[str, Any]:
         """The support-set attention among the top-``k`` results of a text or of an indexed video,
