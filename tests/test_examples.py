@@ -42,6 +42,7 @@ SKIP: list[tuple[str, str]] = [
     (r"^ssbctl prepare shapes\b", "generates 600 clips (minutes); the test's tiny demo wrote the same store"),
     (r"^ssbctl demo\b", "the full demo takes minutes; the test ran `ssbctl demo --num-videos 30` instead"),
     (r"--faiss|--backend faiss", "an approximate faiss index needs more videos than the test's tiny demo has"),
+    (r"^ssbctl serve\b", "starts a server that runs until stopped (tests/test_serve*.py start it and use it)"),
     # README lines the lead is asked to change (notes/first12b.md); exact text, so a fixed line runs.
     (r"^ssbctl train --recipe shapes --nproc 2\s+# the same launch",
      "README: trains into runs/shapes, which the block's first line wrote; proposed: add --out runs/shapes-2p"),

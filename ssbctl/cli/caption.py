@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -22,11 +22,11 @@ if TYPE_CHECKING:
 
 EPILOG = """Examples:
 
-  ssbctl caption runs/shapes --index ~/.cache/ssbctl/index --ids shapes_00003   # an indexed video
+  ssbctl caption runs/shapes --index my-index                 # every video of an index the run built
 
-  ssbctl caption runs/shapes --video clip.mp4 --beam 4                 # a file, drawing on the default index
+  ssbctl caption runs/shapes --video clip.mp4 --index my-index --beam 4   # a file, drawing on that index
 
-  ssbctl caption runs/shapes --video a.mp4 --video b.mp4 --json --sheet support.png
+  ssbctl caption runs/shapes --video clip.mp4 --index my-index --json --sheet support.png
 """
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,6 +73,21 @@ def _default_index(run_dir: Path, mask: str) -> Index | None:
                     f"run's videos with --index (build one with `ssbctl index`)")
 
 
+def _same_run(recorded: Path, run_dir: Path, checkpoint: Any) -> bool:
+    """Whether ``run_dir`` is the run an index recorded: the same folder, or (moved or copied) one
+    whose checkpoint weights are the same bytes; a recorded run that no longer exists is taken to
+    have moved (the checkpoint name is still checked)."""
+    import filecmp
+
+    if recorded.resolve() == run_dir.resolve() or not recorded.exists():
+        return True
+    if not isinstance(checkpoint, str):
+        return False
+    mine, theirs = (folder / "checkpoints" / Path(checkpoint).name / "model.safetensors"
+                    for folder in (run_dir, recorded))
+    return mine.is_file() and theirs.is_file() and filecmp.cmp(mine, theirs, shallow=False)
+
+
 def _checkpoint(run_dir: Path, index: Index | None, checkpoint: str | None) -> str | None:
     """The checkpoint to load: the index's own when none is named (its embeddings live in that
     checkpoint's space); a UserError when the index is another run's or another checkpoint's."""
@@ -81,7 +96,7 @@ def _checkpoint(run_dir: Path, index: Index | None, checkpoint: str | None) -> s
 
     if index is None or "run" not in index.meta:
         return checkpoint
-    if Path(index.meta["run"]).resolve() != run_dir.resolve():
+    if not _same_run(Path(index.meta["run"]), run_dir, index.meta.get("checkpoint")):
         raise UserError(f"index {index.folder} holds embeddings of run {index.meta['run']}, not {run_dir}: "
                         f"build an index with this run (`ssbctl index`)")
     made_with = index.meta.get("checkpoint")
