@@ -43,9 +43,8 @@ SKIP: list[tuple[str, str]] = [
     (r"^ssbctl demo\b", "the full demo takes minutes; the test ran `ssbctl demo --num-videos 30` instead"),
     (r"--faiss|--backend faiss", "an approximate faiss index needs more videos than the test's tiny demo has"),
     (r"^ssbctl serve\b", "starts a server that runs until stopped (tests/test_serve*.py start it and use it)"),
-    # README lines the lead is asked to change (notes/first12b.md); exact text, so a fixed line runs.
-    (r"^ssbctl train --recipe shapes --nproc 2\s+# the same launch",
-     "README: trains into runs/shapes, which the block's first line wrote; proposed: add --out runs/shapes-2p"),
+    (r"--nproc 2\b", "a 2-process torchrun launch (over a minute here); tests/test_recipes_distributed.py and "
+                     "tests/test_distributed.py run `train --nproc 2` and torchrun"),
 ]
 TINY_DEMO = ["demo", "--num-videos", "30", "--set", "train.epochs=1", "--set", "train.batch_size=16"]
 
