@@ -18,26 +18,31 @@ flushed to zero). Rounding ``a`` to bf16 gives ``|t - a| <= u |a| <= u' |t|``, `
 Hence ``lo(t) <= s <= up(t)`` with ``lo(t) = t - u'|t| - B1`` and ``up(t) = t + u'|t| + B1``, both
 increasing in ``t``.
 
-Proof that the top-k is exact. Pass 1 keeps, per query, the largest ``t`` of each group of
-consecutive rows; ``L``, the k-th largest of those maxima, is reached by k distinct rows, so the
-exact k-th best score ``tau >= lo(L)``. A row with ``up(t) < lo(L)``, i.e. ``t < bar(L)`` (the
-inverse of ``up`` at ``lo(L)``, rounded down), has ``s < tau``: it can neither be in the top-k nor
-tie with it. So only groups whose maximum reaches ``bar(L)`` are revisited (pass 2), and only their
-rows with ``t >= bar(L)`` are kept. These include every row with ``s >= tau`` (such a row has
-``t >= ...``, ``up(t) >= s >= tau >= lo(L)``), so at least k; ``t_k``, the k-th largest kept ``t``,
-gives the sharper ``tau >= lo(t_k)`` and the final filter ``t >= bar(t_k)``. Re-scoring the
-survivors in float64 (fp32 products are exact in float64; the sum of ``D`` of them is off by under
-``D 2^-53`` relative) and sorting by (score desc, row asc) gives the top-k of the whole gallery,
-ties broken by row. The bound assumes the bf16 product accumulates in fp32, as oneDNN's and
-PyTorch's CPU kernels do; :func:`bf16_accumulates_in_fp32` checks it once, on the shapes used,
-and the search falls back to the fp32 scan when it does not hold.
+Also ``|s - f| <= c = (D + 1) 2^-24 / (1 - (D + 1) 2^-24) ||q|| X`` for an fp32 product score ``f``.
+
+Proof that the top-k is exact. Pass 1 streams the gallery in chunks, in bf16, and keeps per query
+only the largest ``t`` of each group of consecutive rows. ``L``, the k-th largest group maximum,
+is reached by k distinct rows, so the exact k-th best score ``tau >= lo(L)``. (i) A row of a group
+whose maximum is below ``bar(L) = up^-1(lo(L))`` (rounded down) has ``up(t) < lo(L) <= tau``, so
+``s < tau``: it can neither be in the top-k nor tie with it. Pass 1 therefore keeps only the
+(query, group) pairs that reach ``bar`` of the running ``L``; ``L`` and ``bar`` only grow, so a pair
+dropped early is dropped by the final ``bar`` too. (ii) Pass 2 scores the rows of the kept groups
+in fp32 and keeps those with ``f >= lo(L) - c``: a row below has ``s <= f + c < lo(L) <= tau``.
+So every row with ``s >= tau`` is kept, at least k of them; with ``f_k`` the k-th largest kept
+``f``, ``tau >= f_k - c``, and (iii) a row with ``f < f_k - 2 c`` has ``s < tau`` and is dropped.
+Re-scoring the survivors in float64 (fp32 products are exact in float64; the sum of ``D`` of them
+is off by under ``D 2^-53`` relative) and sorting by (score desc, row asc) gives the top-k of the
+whole gallery, ties broken by row. The bound assumes the bf16 product accumulates in fp32, as
+oneDNN's and PyTorch's CPU kernels do; :func:`bf16_accumulates_in_fp32` checks it once, on the
+layouts used, and the search falls back to the fp32 scan when it does not hold.
 
 Fallbacks to the plain fp32 scan (:func:`ssbctl.retrieval.index.topk_search`, exact up to fp32
-rounding): non-finite values, ``k >= N``, fewer than ``k`` groups, and any query whose revisits
-exceed ``cap_groups`` groups or ``cap`` candidates (the bound does not prune: a zero query, all
-rows equal, many near-ties). Memory above the data: one ``query_block x chunk`` bf16 score block,
-``query_block x N / group`` group maxima and at most ``query_block x (cap + group)`` candidates;
-the bf16 copy of the gallery (half the fp32 data) is made once, when the gallery is built.
+rounding): non-finite values, ``k >= N``, fewer than ``k`` groups, and any query that keeps more
+than ``cap_groups`` groups (the bound does not prune: a zero query, all rows equal, many
+near-ties). Memory above the data: one ``chunk x query_block`` bf16 score block, the kept pairs
+(about ``k log(N)`` per query for random data, pruned every 64 chunks) and at most
+``query_block x cap_groups x group`` pass-2 candidates, whatever ``N``; the bf16 copy of the
+gallery (half the fp32 data) is made once, when the gallery is built.
 """
 
 from __future__ import annotations
@@ -153,8 +158,9 @@ def screened_topk(queries: torch.Tensor, gallery: ScreenedGallery, k: int, chunk
     for qs in range(0, queries.shape[0], query_block):
         block = queries[qs:qs + query_block]
         b1, c = gallery.bound(block), gallery.fp32_bound(block)
-        level, pair_q, pair_g = _screen(block.to(torch.bfloat16), gallery.low, k, b1, chunk, group)  # pass 1
-        done = torch.bincount(pair_q, minlength=len(block)) <= cap_groups
+        level, pair_q, pair_g, done = _screen(block.to(torch.bfloat16), gallery.low, k, b1, chunk, group,
+                                              16 * cap_groups)  # pass 1
+        done &= torch.bincount(pair_q, minlength=len(block)) <= cap_groups
         keep = done[pair_q]
         cand_q, cand_r, cand_t = _revisit(block, gallery.rows, pair_q[keep], pair_g[keep], group,
                                           round_down(lower(level, b1) - c))  # pass 2
@@ -168,16 +174,18 @@ def screened_topk(queries: torch.Tensor, gallery: ScreenedGallery, k: int, chunk
     return scores, rows
 
 
-def _screen(low: torch.Tensor, gallery: torch.Tensor, k: int, b1: torch.Tensor, chunk: int,
-            group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _screen(low: torch.Tensor, gallery: torch.Tensor, k: int, b1: torch.Tensor, chunk: int, group: int,
+            cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pass 1: bf16 scores, reduced to the maximum of each group of ``group`` consecutive rows.
     Keeps a running ``L`` (k-th largest group maximum so far, so k distinct rows reach it) and
     the (query, group) pairs whose maximum reaches ``bar(L)``; ``L`` only grows, so the final
-    filter drops nothing the final ``bar(L)`` keeps. Returns the final ``L`` and the pairs.
-    Rows past the last whole group form one more, shorter group."""
+    filter drops nothing the final ``bar(L)`` keeps. A query holding more than ``cap`` pairs is
+    given up on (memory stays bounded). Returns the final ``L``, the pairs and which queries were
+    not given up on. Rows past the last whole group form one more, shorter group."""
     nq, n = low.shape[0], gallery.shape[0]
     best = torch.full((nq, k), float("-inf"))
     bar = torch.full((nq,), float("-inf"))
+    alive, held = torch.ones(nq, dtype=torch.bool), torch.zeros(nq, dtype=torch.long)
     pair_q, pair_g, pair_m = [], [], []
     buffer = torch.empty(min(chunk, n), nq, dtype=torch.bfloat16)  # rows x queries: the group max
     for start in range(0, n, chunk):                                 # then runs over whole query rows
@@ -190,15 +198,18 @@ def _screen(low: torch.Tensor, gallery: torch.Tensor, k: int, b1: torch.Tensor, 
             maxima = torch.cat([maxima, t[full * group:].amax(dim=0, keepdim=True)])
         maxima = maxima.t().float()  # (nq, groups in this chunk)
         best = torch.cat([best, maxima], dim=1).topk(k, dim=1).values
-        bar = bar_for(best[:, -1], b1)
+        bar = torch.where(alive, bar_for(best[:, -1], b1), float("inf"))
         qi, gi = torch.nonzero(maxima >= bar[:, None], as_tuple=True)
         pair_q.append(qi)
         pair_g.append(gi + start // group)
         pair_m.append(maxima[qi, gi])
-        if len(pair_q) >= 64:  # drop pairs below the risen bar: memory stays near the final count
+        held += torch.bincount(qi, minlength=nq)  # bar is +inf for a query given up on
+        if len(pair_q) >= 64 or bool((held > cap).any()):  # drop pairs below the risen bar
             pair_q, pair_g, pair_m = _merge_pairs(pair_q, pair_g, pair_m, bar)
-    pair_q, pair_g, _ = _merge_pairs(pair_q, pair_g, pair_m, bar)
-    return best[:, -1], pair_q[0], pair_g[0]
+            held = torch.bincount(pair_q[0], minlength=nq)
+            alive &= held <= cap  # still too many: given up on, its pairs dropped at the next merge
+    pair_q, pair_g, _ = _merge_pairs(pair_q, pair_g, pair_m, torch.where(alive, bar, float("inf")))
+    return best[:, -1], pair_q[0], pair_g[0], alive
 
 
 def _merge_pairs(pair_q: list[torch.Tensor], pair_g: list[torch.Tensor], pair_m: list[torch.Tensor],
