@@ -82,7 +82,7 @@ class ScreenedGallery:
     finite: bool
 
     @classmethod
-    def build(cls, gallery: torch.Tensor, chunk: int = 65536) -> ScreenedGallery:
+    def build(cls, gallery: torch.Tensor, chunk: int = 4096) -> ScreenedGallery:
         """Cast ``gallery`` to fp32 and bf16 and measure ``X`` and ``E`` (chunked: no full-size temporaries)."""
         rows = gallery.float().contiguous()
         low = torch.empty(rows.shape, dtype=torch.bfloat16)
