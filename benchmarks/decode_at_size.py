@@ -5,8 +5,9 @@ Three ways to the pixels backbone's ``size x size`` features, same clips, same s
 ``full``: decord decodes full frames, the backbone area-resizes them (what `prepare` does today);
 ``scaled xM``: decord decodes at ``M * size`` square (its ``width``/``height``, FFmpeg's scaler),
 the backbone area-resizes by the remaining integer factor; ``direct``: decord decodes at
-``size x size``. The same three by PyAV, scaling in its ``to_ndarray`` reformat (swscale). The feature difference is the max and mean absolute difference from ``full``, in
-the backbone's units (pixels scaled to [-1, 1], so 2/255 is one grey level).
+``size x size``. The same by PyAV, scaling in its ``to_ndarray`` reformat (swscale, default or
+area filter). The feature difference is the max and mean absolute difference from decord ``full``,
+in the backbone's units (pixels scaled to [-1, 1], so 2/255 is one grey level).
 
     python benchmarks/decode_at_size.py --videos 20 --width 1280 --height 720
     python benchmarks/decode_at_size.py --videos 60 --width 224 --height 224
@@ -19,6 +20,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,7 +74,7 @@ def decode_pyav(path: Path, count: int, side: int | None, interpolation: str | N
         stream = container.streams.video[0]
         total = stream.frames
         wanted = set(Sampling("uniform", count).indices(total, float(stream.average_rate or 8)))
-        size: dict[str, object] = {} if side is None else {"width": side, "height": side}
+        size: dict[str, Any] = {} if side is None else {"width": side, "height": side}
         if interpolation and side is not None:
             size["interpolation"] = interpolation
         picks = [frame.to_ndarray(format="rgb24", **size)
