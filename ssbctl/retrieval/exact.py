@@ -10,7 +10,7 @@ Bound. Write ``s(x) = q . x`` for the exact (real) inner product of the stored f
 ``qb, xb`` for their bf16 roundings, ``a(x)`` for the fp32 sum the bf16 product forms and
 ``t(x) = bf16(a(x))`` for the screening score. With ``u = 2^-8`` (bf16 unit roundoff),
 ``g = D 2^-24 / (1 - D 2^-24)`` (fp32 summation of ``D`` exact products, any order),
-``X = max ||x||`` and ``E = max ||x - xb||`` over the gallery (measured once, exactly):
+``X = max ||x||`` and ``E = max ||x - xb||`` over the gallery (measured once, rounded up):
 ``q.x - qb.xb = (q - qb).x + qb.(x - xb)``, so ``|s - qb.xb| <= ||q - qb|| X + ||qb|| E``, and
 ``|a - qb.xb| <= g ||qb|| (X + E)``. Call the sum of these ``B1`` (times ``1 + 2^-10`` and plus
 ``2^-20 ||q|| X + D 2^-120 (1 + ||q||)(1 + X)`` for the rounding of the bound itself and subnormals
@@ -82,19 +82,20 @@ class ScreenedGallery:
     finite: bool
 
     @classmethod
-    def build(cls, gallery: torch.Tensor, chunk: int = 4096) -> ScreenedGallery:
+    def build(cls, gallery: torch.Tensor, chunk: int = 16384) -> ScreenedGallery:
         """Cast ``gallery`` to fp32 and bf16 and measure ``X`` and ``E`` (chunked: no full-size temporaries)."""
         rows = gallery.float().contiguous()
         low = torch.empty(rows.shape, dtype=torch.bfloat16)
         norm, error, finite = 0.0, 0.0, True
         for start in range(0, rows.shape[0], chunk):
-            part = rows[start:start + chunk].double()
-            low[start:start + chunk] = rows[start:start + chunk]
+            part = rows[start:start + chunk]
+            low[start:start + chunk] = part
             finite = finite and bool(torch.isfinite(part).all())
-            if part.numel():
+            if part.numel():  # x - bf16(x) is exact in fp32; the fp32 norms are padded below
                 norm = max(norm, float(part.norm(dim=1).max()))
-                error = max(error, float((part - low[start:start + chunk].double()).norm(dim=1).max()))
-        return cls(rows, low, norm * (1 + 2.0 ** -40), error * (1 + 2.0 ** -40), finite)
+                error = max(error, float((part - low[start:start + chunk].float()).norm(dim=1).max()))
+        pad = 1 + (rows.shape[1] + 2) * 2.0 ** -23  # covers the fp32 rounding of a norm of D terms
+        return cls(rows, low, norm * pad, error * pad, finite)
 
     def bound(self, queries: torch.Tensor) -> torch.Tensor:
         """``B1`` of the bound for each query (float64): how far the fp32 sum of the bf16 product
