@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ssbctl.retrieval import exact as exact_module
 from ssbctl.retrieval import index as index_module
 from ssbctl.retrieval.exact import (BF16_ROUNDOFF, ScreenedGallery, bf16_accumulates_in_fp32, exact_topk,
                                     screened_topk)
@@ -139,7 +140,8 @@ def test_accumulation_check_runs() -> None:
     assert isinstance(bf16_accumulates_in_fp32(), bool)
 
 
-def test_index_top_is_exact_and_caches() -> None:
+def test_index_top_is_exact_and_caches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(exact_module, "SCREEN_MIN_ROWS", 4096)  # screen this small gallery too
     gallery = unit(6000, 32, seed=20)
     index = Index(gallery, [{"video_id": str(i), "path": f"{i}.mp4"} for i in range(6000)])
     queries = unit(7, 32, seed=21)
@@ -155,5 +157,5 @@ def test_index_top_is_exact_and_caches() -> None:
 
 def test_exact_topk_without_screening_matches() -> None:
     gallery, queries = unit(100, 16, seed=22), unit(4, 16, seed=23)
-    scores, rows = exact_topk(queries, gallery, 5, {})  # under 4,096 rows: the fp32 scan
+    scores, rows = exact_topk(queries, gallery, 5, {})  # under SCREEN_MIN_ROWS: the fp32 scan
     assert torch.equal(rows, reference(queries, gallery, 5)[1])

@@ -40,7 +40,7 @@ Fallbacks to the plain fp32 scan (:func:`ssbctl.retrieval.index.topk_search`, ex
 rounding): non-finite values, ``k >= N``, fewer than ``k`` groups, and any query that keeps more
 than ``cap_groups`` groups (the bound does not prune: a zero query, all rows equal, many
 near-ties). Memory above the data: one ``chunk x query_block`` bf16 score block, the kept pairs
-(about ``k log(N)`` per query for random data, pruned every 64 chunks) and at most
+(about ``k log(N)`` per query for random data, pruned every 8 chunks) and at most
 ``query_block x cap_groups x group`` pass-2 candidates, whatever ``N``; the bf16 copy of the
 gallery (half the fp32 data) is made once, when the gallery is built.
 """
@@ -205,7 +205,7 @@ def _screen(low: torch.Tensor, gallery: torch.Tensor, k: int, b1: torch.Tensor, 
         pair_g.append(gi + start // group)
         pair_m.append(maxima[qi, gi])
         held += torch.bincount(qi, minlength=nq)  # bar is +inf for a query given up on
-        if len(pair_q) >= 64 or bool((held > cap).any()):  # drop pairs below the risen bar
+        if len(pair_q) >= 8 or bool((held > cap).any()):  # drop pairs below the risen bar
             pair_q, pair_g, pair_m = _merge_pairs(pair_q, pair_g, pair_m, bar)
             held = torch.bincount(pair_q[0], minlength=nq)
             alive &= held <= cap  # still too many: given up on, its pairs dropped at the next merge
@@ -286,11 +286,14 @@ def _rescore(block: torch.Tensor, rows: torch.Tensor, k: int, cand_q: torch.Tens
     return settled
 
 
+SCREEN_MIN_ROWS = 200_000  # below, the screen's fixed costs lose to the fp32 scan (benchmarks/retrieval.py)
+
+
 def screening_pays(rows: int) -> bool:
     """Whether the bf16 screen is worth it: a CPU with AMX tiles (bf16 products several times the
-    fp32 rate; elsewhere bf16 can be slower than fp32) and a gallery of at least 4,096 rows."""
+    fp32 rate; elsewhere bf16 can be slower than fp32) and a gallery of ``SCREEN_MIN_ROWS`` or more."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return rows >= 4096 and callable(amx) and bool(amx())
+    return rows >= SCREEN_MIN_ROWS and callable(amx) and bool(amx())
 
 
 def exact_topk(queries: torch.Tensor, embeddings: torch.Tensor, k: int,
