@@ -78,6 +78,7 @@ class Index:
     thumbs_from: Path | None = None  # folder holding the thumbnails of earlier rows
     folder: Path | None = None  # where the index was loaded from
     backend: str = "exact"  # exact (chunked scan) or faiss (the folder's approximate index)
+    _screen_cache: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.embeddings.shape[0] != len(self.videos):
@@ -111,7 +112,9 @@ class Index:
             scores, rows = ann_search(self.folder, queries, min(k, len(self.videos)))
             found = [r >= 0 for r in rows]
             return [s[f] for s, f in zip(scores, found)], [r[f] for r, f in zip(rows, found)]
-        scores, rows = topk_search(queries.float(), self.embeddings.float(), k)
+        from ssbctl.retrieval.exact import exact_topk
+
+        scores, rows = exact_topk(queries, self.embeddings, k, self._screen_cache)
         return list(scores.unbind(0)), list(rows.unbind(0))
 
     def save(self, folder: Path, dtype: torch.dtype = torch.float32) -> None:
