@@ -195,7 +195,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _user_files(raw: Path, base: Path, user: Path) -> None:
     """What the examples assume the user has, made from the demo's clips: clip.mp4, queries.txt,
-    captions.txt and bank.txt (caption lists), my/captions.jsonl (a custom dataset) and ~/Videos."""
+    captions.txt and bank.txt (caption lists), my/captions.jsonl (a custom dataset), ~/Videos and ~/Movies."""
     rows = [json.loads(line) for line in (raw / "captions.jsonl").read_text().splitlines()]
     clips = sorted({r["video"] for r in rows})
     base.mkdir()
@@ -211,9 +211,10 @@ def _user_files(raw: Path, base: Path, user: Path) -> None:
         custom += [{"video": f"videos/{Path(clip).name}", "caption": r["caption"], "split": split}
                    for r in rows if r["video"] == clip]
     (base / "my" / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in custom))
-    (user / "Videos").mkdir()
-    for clip in clips[:4]:
-        shutil.copy(raw / clip, user / "Videos" / Path(clip).name)
+    for folder, chosen in (("Videos", clips[:4]), ("Movies", clips[4:6])):
+        (user / folder).mkdir()
+        for clip in chosen:
+            shutil.copy(raw / clip, user / folder / Path(clip).name)
 
 
 def _run_source(examples: list[Example], world: dict[str, Path], tmp_path: Path,
