@@ -31,9 +31,9 @@ from ssbctl.data.prepare import dataset_items, prepare_items
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import Sampling
 from ssbctl.engine.checkpoint import latest_checkpoint
+from ssbctl.evaluation.evaluate import evaluate_split
 from ssbctl.inference.run import load_run
 from ssbctl.training import train
-from ssbctl.evaluation.evaluate import evaluate_split
 
 MASKS = ("none", "identity", "full", "cross")
 KEYS = ("R1", "R5", "R10", "MdR")

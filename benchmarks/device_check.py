@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from ssbctl.config import load_recipe
+from ssbctl.core.io import read_jsonl
 from ssbctl.data.backbones import Backbone
 from ssbctl.data.datasets.shapes import ShapesSpec, captions, sample_scene
 from ssbctl.data.loader import Collate
 from ssbctl.data.store import StoreWriter
 from ssbctl.data.video import Sampling
 from ssbctl.engine.trainer import METRICS_FILE, Trainer
-from ssbctl.core.io import read_jsonl
 
 CONFIGS = {
     # the shapes recipe's model: pixels features, frozen MiniLM-sized text encoder

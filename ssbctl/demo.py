@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ssbctl.config import load_recipe
+from ssbctl.core.errors import UserError
+from ssbctl.core.io import check_output, mark_kind
+from ssbctl.core.validate import read_json
 from ssbctl.data.backbones import build_backbone
 from ssbctl.data.datasets.shapes import ShapesSpec
 from ssbctl.data.prepare import dataset_items, prepare_items
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import Sampling
-from ssbctl.inference.run import load_run
 from ssbctl.engine.trainer import Reporter
-from ssbctl.training import train
 from ssbctl.evaluation.evaluate import evaluate_split
-from ssbctl.core.errors import UserError
-from ssbctl.core.io import check_output, mark_kind
-from ssbctl.core.validate import read_json
+from ssbctl.inference.run import load_run
 from ssbctl.retrieval.build import index_store
+from ssbctl.training import train
 
 EXAMPLE_QUERIES = (
     "a red circle moves to the left",

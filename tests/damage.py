@@ -14,14 +14,15 @@ import json
 import random
 import shutil
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from conftest import tiny_overrides
 
 from ssbctl.cli.app import main
+
+from conftest import tiny_overrides
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from ssbctl.config import load_recipe
+from ssbctl.data.batch import Batch
 from ssbctl.data.loader import Collate, PairDataset
 from ssbctl.data.store import FeatureStore
 from ssbctl.engine.accumulate import accumulated_backward
-from ssbctl.training import train
-from ssbctl.data.batch import Batch
 from ssbctl.model.ssb import build_model
 from ssbctl.objective.step import SSBObjective
+from ssbctl.training import train
 
 
 @pytest.mark.parametrize("mask", ["cross", "identity", "none"])

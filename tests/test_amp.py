@@ -14,10 +14,10 @@ import torch
 
 import ssbctl.engine.trainer as trainer_module
 from ssbctl.config import load_recipe
+from ssbctl.core.io import read_jsonl
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.engine.trainer import Trainer
 from ssbctl.training import train
-from ssbctl.core.io import read_jsonl
 
 
 @pytest.fixture

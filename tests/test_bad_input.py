@@ -9,13 +9,14 @@ import os
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-from damage import Tiny, assert_one_error_line, build_tiny, checkpoint_of, cli, copy, hashes
 from safetensors.torch import load_file, save_file
+
+from damage import Tiny, assert_one_error_line, build_tiny, checkpoint_of, cli, copy, hashes
 
 Case = tuple[list[str], int, list[str]]  # argv, exit code, texts the error line names
 CASES: dict[str, Callable[[Tiny, Path], Case]] = {}

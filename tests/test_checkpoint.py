@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch.nn as nn
 
-from ssbctl.engine.checkpoint import find_checkpoint, latest_checkpoint, save_checkpoint
 from ssbctl.core.errors import DataError
+from ssbctl.engine.checkpoint import find_checkpoint, latest_checkpoint, save_checkpoint
 
 
 def _run(path: Path, steps: tuple[int, ...] = (2, 4)) -> Path:

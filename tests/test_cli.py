@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ssbctl.cli.app import main
+
 from fixtures import write_recipe as _write_recipe
 
 

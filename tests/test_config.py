@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from ssbctl.config import (Recipe, dump_toml, load_model_config, load_recipe, parse_override,
-                           recipe_from_dict, to_dict)
-from ssbctl.data.datasets import dataset_spec
-from ssbctl.engine.run import read_run_recipe, write_recipe
+from ssbctl.config import Recipe, dump_toml, load_model_config, load_recipe, parse_override, recipe_from_dict, to_dict
 from ssbctl.core.errors import UserError
 from ssbctl.core.paths import find_config, shipped_configs
+from ssbctl.data.datasets import dataset_spec
+from ssbctl.engine.run import read_run_recipe, write_recipe
 
 
 @pytest.mark.parametrize("name", sorted(shipped_configs("recipes")))

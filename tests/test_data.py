@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_SPEC
+from ssbctl.core.errors import UserError
 from ssbctl.data.backbones import build_backbone
 from ssbctl.data.datasets import read_custom
 from ssbctl.data.datasets.shapes import ShapesSpec, generate
 from ssbctl.data.prepare import prepare_items
 from ssbctl.data.store import ExpertStores, FeatureStore
 from ssbctl.data.video import DecodeError, Sampling, read_frames
-from ssbctl.core.errors import UserError
+
+from conftest import TINY_SPEC
 
 
 def test_shapes_are_real_videos_with_paraphrased_captions(shapes_raw: Path) -> None:

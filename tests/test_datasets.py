@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import fixtures
 from ssbctl.cli.app import main
+from ssbctl.core.errors import UserError
 from ssbctl.data.datasets.msrvtt import read_test_pairs
 from ssbctl.data.datasets.msvd import load_plain_pickle
 from ssbctl.data.store import FeatureStore
-from ssbctl.core.errors import UserError
+
+import fixtures
 
 
 @pytest.fixture(scope="session")

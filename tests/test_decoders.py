@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 
 from ssbctl.cli.app import main
+from ssbctl.core.io import read_jsonl
 from ssbctl.data.decode_pool import DecodePool
 from ssbctl.data.video import DecodeError, Sampling, decode_video, read_decord, read_pyav
-from ssbctl.core.io import read_jsonl
 
 SAMPLINGS = [Sampling("uniform", 4), Sampling("uniform", 8), Sampling("fps", 8, 2.0)]
 DECORD_SIZE_BUG = "from_size == to_size"  # decord 0.6.0's failure on some frame widths (16, 24, 48, 72...)
@@ -284,11 +284,12 @@ def test_prepare_loses_no_valid_video_and_records_the_decoder(matrix, tmp_path: 
 
 def test_index_of_a_video_folder_loses_no_valid_video(matrix, shapes_store: Path, tiny_text_model: Path,
                                                       tmp_path: Path, capsys) -> None:
-    from conftest import tiny_overrides
     from ssbctl.config import load_recipe
     from ssbctl.inference.run import load_run
-    from ssbctl.training import train
     from ssbctl.retrieval.index import Index
+    from ssbctl.training import train
+
+    from conftest import tiny_overrides
 
     train(load_recipe("shapes", tiny_overrides(shapes_store, tiny_text_model, tmp_path / "run",
                                                **{"train.epochs": 1, "data.eval_split": ""})), tmp_path / "run")

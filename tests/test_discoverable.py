@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from damage import assert_one_error_line, cli
-from fixtures import write_recipe
 from ssbctl.config import load_recipe
 from ssbctl.core.paths import shipped_configs
+
+from damage import assert_one_error_line, cli
+from fixtures import write_recipe
 
 SSBCTL = [sys.executable, "-m", "ssbctl"]
 

@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from ssbctl.config import load_recipe
+from ssbctl.core.io import read_jsonl
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.training import train
-from ssbctl.core.io import read_jsonl
+
 from fixtures import children as _children
 from fixtures import communicate_or_reap as _communicate_or_reap
 from fixtures import write_recipe as _write_recipe
@@ -162,10 +163,10 @@ def test_a_signal_to_one_rank_or_to_the_launcher_stops_every_rank_at_one_step(
     next epoch: the moment where a rank acting on its own signal would leave the others waiting
     in a collective forever. Then the run resumes under ``--nproc 2`` and SIGTERM to the launcher
     reaches the workers."""
-    from conftest import tiny_overrides
-
     from ssbctl.data.loader import EpochBatchSampler, PairDataset
     from ssbctl.data.store import FeatureStore
+
+    from conftest import tiny_overrides
 
     run = tmp_path / "run"
     recipe = _write_recipe(tmp_path / "long.toml", tiny_overrides(
@@ -223,9 +224,9 @@ def test_a_process_that_joined_the_group_leaves_it_before_the_interpreter_exits(
 def test_nproc_launches_the_command_given_to_main(shapes_store: Path, no_dropout_text: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """``main(argv)`` with --nproc: the workers run argv's command, not whatever sys.argv holds."""
-    from conftest import tiny_overrides
-
     from ssbctl.cli.app import main
+
+    from conftest import tiny_overrides
 
     recipe = _write_recipe(tmp_path / "tiny.toml", tiny_overrides(
         shapes_store, no_dropout_text, tmp_path / "run", **{"train.max_steps": 2, "data.eval_split": ""}))

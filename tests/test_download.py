@@ -11,17 +11,18 @@ import stat
 import tarfile
 import threading
 import zipfile
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-import fixtures
 from ssbctl.cli.app import main
+from ssbctl.core.errors import DataError
 from ssbctl.data.download import Source, download, extract
 from ssbctl.data.store import FeatureStore
-from ssbctl.core.errors import DataError
+
+import fixtures
 
 
 class _Server:

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
 from ssbctl.core.io import atomic_write_bytes, atomic_write_json, output_lock, save_tensors
+
+from conftest import tiny_overrides
 
 UMASKS = (0o022, 0o077)
 

@@ -11,16 +11,17 @@ import os
 import re
 import tarfile
 import threading
+from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-import fixtures
 from ssbctl.cli.app import main
 from ssbctl.config import load_recipe
 from ssbctl.core.paths import shipped_configs
+
+import fixtures
 
 TINY = {"model.embed_dim": 16, "model.video.hidden_dim": 16, "model.video.layers": 1, "model.video.heads": 2,
         "model.decoder.hidden_dim": 16, "model.decoder.layers": 1, "model.decoder.heads": 2,

@@ -11,8 +11,8 @@ import random
 from pathlib import Path
 
 import pytest
-from damage import (MUTATIONS, Tiny, assert_one_error_line, build_tiny, checkpoint_of, cli, copy, hashes,
-                    index_for_run)
+
+from damage import MUTATIONS, Tiny, assert_one_error_line, build_tiny, checkpoint_of, cli, copy, hashes, index_for_run
 
 SEED = 1234
 CASES_PER_TARGET = 8  # x 3 targets; about 20 s on two busy cores

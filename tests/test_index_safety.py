@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_overrides
 from ssbctl.cli.app import main
 from ssbctl.config import load_recipe
 from ssbctl.data.datasets.shapes import write_mp4
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.retrieval.index import Index
 from ssbctl.training import train
+
+from conftest import tiny_overrides
 
 
 @pytest.fixture(scope="module")

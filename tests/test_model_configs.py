@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import fixtures
 from ssbctl.config import LossConfig, load_model_config
+from ssbctl.core.paths import shipped_configs
 from ssbctl.data.loader import Collate
 from ssbctl.model.ssb import build_model
 from ssbctl.objective.step import SSBObjective
-from ssbctl.core.paths import shipped_configs
+
+import fixtures
 
 FAMILY = {"t5": "t5", "clip": "clip"}
 # What feeds mean_residual's zero-initialised output projection (video.proj): the temporal transformer.

@@ -68,8 +68,8 @@ def test_under_torchrun_every_rank_fails_at_the_same_step(tiny_recipe_args, tmp_
 def test_weights_that_became_nonfinite_are_never_saved(tiny_recipe_args, tmp_path: Path) -> None:
     """A step whose loss is finite can still leave NaN weights (a NaN gradient): the checkpoint is refused."""
     from ssbctl.config import load_recipe
-    from ssbctl.engine.trainer import Trainer
     from ssbctl.core.errors import TrainingError
+    from ssbctl.engine.trainer import Trainer
 
     trainer = Trainer(load_recipe("shapes", tiny_recipe_args("run", **{"train.max_steps": 1})), tmp_path / "run")
     with torch.no_grad():
@@ -146,12 +146,13 @@ def test_search_ranks_nonfinite_rows_last_and_reports_no_score(tmp_path: Path) -
 def broken_run(shapes_store: Path, tiny_text_model: Path, tmp_path_factory: pytest.TempPathFactory
                ) -> tuple[Path, Path]:
     """A 2-step run with a sound index of its videos; then its checkpoint's weights are set to NaN."""
-    from conftest import tiny_overrides
     from ssbctl.config import load_recipe
     from ssbctl.data.store import FeatureStore
     from ssbctl.inference.run import load_run
-    from ssbctl.training import train
     from ssbctl.retrieval.build import index_store
+    from ssbctl.training import train
+
+    from conftest import tiny_overrides
 
     root = tmp_path_factory.mktemp("broken")
     extra = {"train.max_steps": 2, "data.eval_split": ""}

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
 from ssbctl.cli.app import main
 from ssbctl.core import io as ssbctl_io
+
+from conftest import tiny_overrides
 from fixtures import write_recipe as _write_recipe
 
 PREP = ["--pixel-size", "8", "--frames", "4", "--workers", "0"]

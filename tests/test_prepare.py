@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ssbctl.core.errors import DataError, UserError
 from ssbctl.data.backbones import build_backbone
 from ssbctl.data.datasets import read_custom
 from ssbctl.data.prepare import PrepareOptions, prepare, prepare_items, work_root
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import Sampling
-from ssbctl.core.errors import DataError, UserError
 
 SAMPLING = Sampling(num_frames=4)
 
@@ -228,8 +228,9 @@ def test_max_failures_stops_the_run_and_keeps_progress(shapes_raw: Path, tmp_pat
 def test_decoder_crash_or_hang_costs_one_video(tmp_path: Path, shapes_raw: Path) -> None:
     """A worker that dies (as a decoder can on a hostile file) or hangs is replaced; the video is
     tried once more with PyAV alone, then recorded."""
-    import fixtures
     from ssbctl.data.decode_pool import DecodePool
+
+    import fixtures
 
     good = read_custom(shapes_raw / "captions.jsonl")[0].path
     pool = DecodePool(Sampling(num_frames=2), workers=2, timeout=3, work=fixtures.misbehaving_decode)

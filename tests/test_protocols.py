@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from damage import Tiny, build_tiny, cli
 
 from ssbctl.cli.app import main
 from ssbctl.data.backbones import build_backbone
@@ -24,6 +23,8 @@ from ssbctl.data.prepare import prepare_items
 from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import Sampling
 from ssbctl.evaluation.metrics import retrieval_metrics, t2v_ranks, v2t_group_max_ranks, v2t_ranks
+
+from damage import Tiny, build_tiny, cli
 
 # captions a0 a1 (video 0), b0 b1 b2 (video 1), c0 (video 2); columns: similarity to videos 0, 1, 2
 SIMS = torch.tensor([[0.90, 0.60, 0.40],   # a0

@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 import torch
 
-import fixtures
 from ssbctl.config import Recipe, load_recipe
-from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.core.io import read_jsonl
 from ssbctl.core.paths import shipped_configs
+from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.objective.grad_norms import CAPTION_KEY, CONTRASTIVE_KEY, RATIO_KEY
+
+import fixtures
 
 EMBED_GRADS = (CONTRASTIVE_KEY, CAPTION_KEY, RATIO_KEY)  # the terms' gradient norms on the embeddings
 

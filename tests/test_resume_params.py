@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssbctl.core.errors import UserError
+from ssbctl.core.io import read_jsonl
 from ssbctl.engine.checkpoint import latest_checkpoint, remap_optimizer_state
 from ssbctl.engine.train_setup import resolve_recipe
 from ssbctl.engine.trainer import Trainer
 from ssbctl.training import train
-from ssbctl.core.errors import UserError
-from ssbctl.core.io import read_jsonl
 
 
 def test_optimizer_state_is_matched_by_parameter_name() -> None:

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ssbctl.core.errors import UserError
-from ssbctl.retrieval.index import Index, topk_search
+from ssbctl.retrieval.index import Index
+from ssbctl.retrieval.scan import topk_search
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])

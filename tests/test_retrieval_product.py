@@ -16,10 +16,10 @@ from ssbctl.cli.app import main
 from ssbctl.config import load_recipe
 from ssbctl.data.store import FeatureStore
 from ssbctl.inference.run import load_run
-from ssbctl.training import train
 from ssbctl.retrieval.build import index_store
 from ssbctl.retrieval.index import Index
 from ssbctl.retrieval.render import heatmap_size, sheet_size
+from ssbctl.training import train
 
 
 @pytest.fixture(scope="module")

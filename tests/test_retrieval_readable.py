@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from damage import Tiny, assert_one_error_line, build_tiny, cli, copy
 
 import ssbctl
 from ssbctl.core.io import jsonl_text, read_jsonl
+
+from damage import Tiny, assert_one_error_line, build_tiny, cli, copy
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import tiny_overrides
 from damage import Tiny, assert_one_error_line, build_tiny, cli, copy, hashes
 

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from ssbctl.retrieval import exact as exact_module
-from ssbctl.retrieval import index as index_module
-from ssbctl.retrieval.exact import (BF16_ROUNDOFF, ScreenedGallery, bf16_accumulates_in_fp32, exact_topk,
-                                    screened_topk)
+from ssbctl.retrieval import scan as scan_module
+from ssbctl.retrieval.exact import BF16_ROUNDOFF, ScreenedGallery, bf16_accumulates_in_fp32, exact_topk, screened_topk
 from ssbctl.retrieval.index import Index
 
 SMALL = {"chunk": 64, "group": 8, "query_block": 16}  # many chunks, groups and blocks on a small gallery
@@ -35,7 +34,7 @@ def no_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the fp32 fallback fail: the screened path alone must produce the result."""
     def refuse(*_: object, **__: object) -> None:
         raise AssertionError("fell back to the fp32 scan")
-    monkeypatch.setattr(index_module, "topk_search", refuse)
+    monkeypatch.setattr(scan_module, "topk_search", refuse)
 
 
 def clustered(n: int, dim: int, centres: int, seed: int = 1) -> torch.Tensor:

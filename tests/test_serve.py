@@ -12,13 +12,13 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 
-from conftest import tiny_overrides
 from ssbctl.cli.app import main
 from ssbctl.config import load_recipe
 from ssbctl.data.store import FeatureStore
@@ -26,6 +26,8 @@ from ssbctl.inference.run import load_run
 from ssbctl.retrieval.build import index_store
 from ssbctl.retrieval.index import Index, index_meta
 from ssbctl.training import train
+
+from conftest import tiny_overrides
 
 starlette = pytest.importorskip("starlette", reason="ssbctl[serve] is in the dev extra: install it")
 from starlette.testclient import TestClient  # noqa: E402

@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import fixtures
 from ssbctl.config import LossConfig, load_model_config, load_recipe
 from ssbctl.core.errors import UserError
 from ssbctl.data.loader import Collate
@@ -27,6 +26,8 @@ from ssbctl.model.t5_decoder import T5CaptionDecoder, load_t5_decoder
 from ssbctl.objective.losses import caption_loss
 from ssbctl.objective.step import SSBObjective
 from ssbctl.training import train
+
+import fixtures
 
 CAPTIONS = ["a red circle moves to the left", "a big blue box spins", "a person cooks", "a man cooks"]
 

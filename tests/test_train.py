@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 from ssbctl.config import load_recipe
+from ssbctl.core.errors import UserError
+from ssbctl.core.io import read_jsonl
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.engine.trainer import SilentReporter, Trainer, lr_factor
 from ssbctl.training import train
-from ssbctl.core.errors import UserError
-from ssbctl.core.io import read_jsonl
+
 from fixtures import write_recipe as _write_recipe
 
 

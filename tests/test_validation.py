@@ -82,9 +82,10 @@ def test_accum_steps_beyond_a_process_share_of_the_batch_is_refused(capsys, tiny
 @pytest.fixture(scope="module")
 def tiny_run(shapes_store: Path, tiny_text_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run trained for 2 steps."""
-    from conftest import tiny_overrides
     from ssbctl.config import load_recipe
     from ssbctl.training import train
+
+    from conftest import tiny_overrides
 
     root = tmp_path_factory.mktemp("tiny_run")
     extra = {"train.max_steps": 2, "data.eval_split": ""}

@@ -20,7 +20,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fixtures
 from ssbctl.cli.app import main
 from ssbctl.config import LossConfig, load_model_config
 from ssbctl.core.errors import UserError
@@ -28,6 +27,8 @@ from ssbctl.data.hf_backbones import HFImageBackbone
 from ssbctl.data.loader import Collate
 from ssbctl.model.embed import embed_features, embed_texts
 from ssbctl.model.ssb import SSBModel, build_model
+
+import fixtures
 
 CAPTIONS = ["a red circle moves to the left", "a big blue box spins", "a tiny white triangle grows",
             "a person cooks", "the small green cross moves up"]
@@ -228,7 +229,7 @@ def test_a_run_of_the_previous_clip_architecture_still_loads(tiny_clip: Path, tm
     transformer, CLIP's unprojected pooler output and a Linear), with their own weights."""
     from ssbctl.config import Recipe
     from ssbctl.engine.checkpoint import save_checkpoint
-    from ssbctl.engine.run import RECIPE_FILE, write_run_files, write_recipe
+    from ssbctl.engine.run import RECIPE_FILE, write_recipe, write_run_files
     from ssbctl.inference.run import load_run
 
     cfg = load_model_config("ssb-clip-b32")

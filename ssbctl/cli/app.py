@@ -12,15 +12,15 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Iterator
+from typing import Annotated
 
 import typer
 
 from ssbctl import __version__
-from ssbctl.cli import demo, evaluate, index, prepare, retrieve, serve, train
-from ssbctl.cli import recipes, runs
 from ssbctl.cli import caption as caption_command
+from ssbctl.cli import demo, evaluate, index, prepare, recipes, retrieve, runs, serve, train
 from ssbctl.core.errors import DataError, TrainingError, UserError
 
 app = typer.Typer(name="ssbctl", no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console

@@ -27,10 +27,10 @@ def demo(
     as_json: JsonOption = False,
 ) -> None:
     """Generate shapes clips, prepare them as `prepare shapes` does, train, evaluate, index, run example queries."""
-    from ssbctl.data.datasets.shapes import ShapesSpec
-    from ssbctl.demo import run_demo
     from ssbctl.core.io import output_lock, output_path
     from ssbctl.core.paths import default_index, home
+    from ssbctl.data.datasets.shapes import ShapesSpec
+    from ssbctl.demo import run_demo
 
     folder, index_dir = output_path(output or home() / "demo"), output_path(default_index())
     data_dir = output_path(home() / "data" / "shapes-pixels")  # where the shapes recipe looks

@@ -72,11 +72,11 @@ def _build(run: Path, data: str | None, videos: Path | None, half: bool, workers
     from rich.markup import escape
 
     from ssbctl.cli.common import err, progress_bar
-    from ssbctl.engine.run import check_store_fits
-    from ssbctl.inference.run import load_run
     from ssbctl.core.errors import UserError
     from ssbctl.core.io import check_output
     from ssbctl.data.store import open_stores
+    from ssbctl.engine.run import check_store_fits
+    from ssbctl.inference.run import load_run
     from ssbctl.retrieval.build import check_replace, index_store, merge, row_key
     from ssbctl.retrieval.index import Index
     from ssbctl.retrieval.videos import find_videos, index_videos

@@ -27,8 +27,8 @@ EPILOG = """Examples:
 
 
 def _shard(value: str | None) -> tuple[int, int]:
-    from ssbctl.data.prepare import shard_from_env
     from ssbctl.core.errors import UserError
+    from ssbctl.data.prepare import shard_from_env
 
     if value is None:
         return shard_from_env()
@@ -52,8 +52,7 @@ def _default_root(dataset: str) -> Path:
     from ssbctl.core.errors import UserError
     from ssbctl.core.paths import home
     from ssbctl.data.datasets import dataset_spec
-    from ssbctl.data.download import AUTO_DOWNLOAD, SOURCES, describe_download, fetch_dataset, human_size, \
-        sources_for
+    from ssbctl.data.download import AUTO_DOWNLOAD, SOURCES, describe_download, fetch_dataset, human_size, sources_for
     from ssbctl.data.extract import ExtractLimits
 
     root = home() / "raw" / dataset
@@ -177,6 +176,9 @@ def prepare(
     """Prepare a dataset: videos -> frame features (safetensors) + captions + failures.jsonl. Resumable."""
     from rich.markup import escape
 
+    from ssbctl.core.errors import UserError
+    from ssbctl.core.io import check_output, output_lock, output_path
+    from ssbctl.core.paths import home
     from ssbctl.data.backbone import FeatureSource
     from ssbctl.data.backbones import ImportedFeatures, backbone_tag, parse_backbone
     from ssbctl.data.datasets import dataset_spec
@@ -186,9 +188,6 @@ def prepare(
     from ssbctl.data.prepare import PrepareOptions, dataset_items, imported_items
     from ssbctl.data.prepare import prepare as run_prepare
     from ssbctl.data.video import Sampling
-    from ssbctl.core.errors import UserError
-    from ssbctl.core.io import check_output, output_lock, output_path
-    from ssbctl.core.paths import home
 
     sha256 = check_download_options(download, urls, sha256)
     if max_extract_bytes is not None and not download:

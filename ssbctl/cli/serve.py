@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from ssbctl.cli.common import DeviceOption
 
 EPILOG = """Examples:

@@ -44,11 +44,11 @@ def train(
     train.batch_size is the global batch (the support set and the negatives); each of N processes takes 1/N of it."""
     from rich.markup import escape
 
-    from ssbctl.core.distributed import DistInfo
     from ssbctl.cli.torchrun import launch_torchrun
+    from ssbctl.core.distributed import DistInfo
+    from ssbctl.core.io import check_output, lock_env, output_lock, output_path
     from ssbctl.engine.train_setup import preflight, resolve_recipe
     from ssbctl.training import train as run_training
-    from ssbctl.core.io import check_output, lock_env, output_lock, output_path
 
     _note_shipped_recipe(recipe)
     resolved, run_dir = resolve_recipe(recipe, overrides or [], output, resume)

@@ -4,8 +4,9 @@ and a model that cannot be loaded is one UserError line, not a traceback."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from ssbctl.core.errors import UserError
 

@@ -7,7 +7,8 @@ through ``transformers``) register here the same way.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

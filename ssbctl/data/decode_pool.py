@@ -14,14 +14,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
-from ssbctl.data.video import DECODERS, DecodeError, Decoded, Sampling, decode_video
+from ssbctl.data.video import DECODERS, Decoded, DecodeError, Sampling, decode_video
 
 Job = tuple[int, Path]  # (key, path)
 Result = tuple[int, Decoded | None, str | None]  # (key, frames and their decoder or None, failure reason or None)

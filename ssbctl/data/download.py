@@ -19,13 +19,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
-from ssbctl.data.extract import ExtractLimits, extract
 from ssbctl.core.errors import DataError, UserError
 from ssbctl.core.io import atomic_write_bytes
+from ssbctl.data.extract import ExtractLimits, extract
 
 __all__ = ["AUTO_DOWNLOAD", "MIRROR_ENV", "Source", "SOURCES", "check_download_options", "describe_download",
            "download", "extract", "fetch_dataset", "file_name", "mirrored", "normalize_sha256", "remote_size",

@@ -29,9 +29,10 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Iterator
+from typing import IO
 
 from ssbctl.core.errors import DataError, UserError
 from ssbctl.core.io import fresh_dir

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ssbctl.data.store import Store
 from ssbctl.core.errors import DataError, UserError
 from ssbctl.data.batch import Batch
+from ssbctl.data.store import Store
 
 
 def split_pairs(store: Store, split: str) -> list[tuple[int, str]]:

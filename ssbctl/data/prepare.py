@@ -24,22 +24,23 @@ import os
 import shutil
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from ssbctl.core.errors import DataError, UserError
+from ssbctl.core.io import append_jsonl, atomic_write_json, check_output, output_path, read_jsonl, save_tensors
+from ssbctl.core.paths import home
 from ssbctl.data.backbone import Backbone, FeatureSource
 from ssbctl.data.datasets import DatasetOptions, Protocol, VideoItem, dataset_spec
 from ssbctl.data.datasets.shapes import ShapesSpec, generate
 from ssbctl.data.decode_pool import DecodePool, load_features_file
 from ssbctl.data.store import StoreWriter
-from ssbctl.data.video import DecodeError, Decoded, Sampling
-from ssbctl.core.errors import DataError, UserError
-from ssbctl.core.io import append_jsonl, atomic_write_json, check_output, output_path, read_jsonl, save_tensors
-from ssbctl.core.paths import home
+from ssbctl.data.video import Decoded, DecodeError, Sampling
 
 Progress = Callable[[int, int], None]
 

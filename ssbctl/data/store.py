@@ -24,13 +24,22 @@ from typing import Any, Protocol
 
 import torch
 
+from ssbctl.core.errors import DataError, UserError
+from ssbctl.core.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output,
+    fresh_dir,
+    jsonl_text,
+    output_path,
+    read_jsonl,
+    replace_dir,
+    save_tensors,
+)
+from ssbctl.core.paths import resolve_prepared
+from ssbctl.core.validate import check_rows, field, open_tensors, read_json
 from ssbctl.data.backbone import FeatureSource
 from ssbctl.data.video import Sampling
-from ssbctl.core.errors import DataError, UserError
-from ssbctl.core.io import (atomic_write_json, atomic_write_text, check_output, fresh_dir, jsonl_text, output_path,
-                            read_jsonl, replace_dir, save_tensors)
-from ssbctl.core.validate import check_rows, field, open_tensors, read_json
-from ssbctl.core.paths import resolve_prepared
 
 FORMAT_VERSION = 1
 VIDEO_FIELDS = {"video_id": str, "split": str, "path": str, "num_frames": int, "shard": int}

@@ -12,14 +12,14 @@ micro-batch at a time. The cost is one extra no-grad forward pass of both encode
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ssbctl.data.batch import Batch
 from ssbctl.engine.rng import rng_states, set_rng_states
 from ssbctl.objective.step import SSBObjective
-
 
 Embed = Callable[[Batch], tuple[torch.Tensor, torch.Tensor]]
 

@@ -14,8 +14,9 @@ import importlib.util
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from ssbctl.config import Recipe, to_dict
 from ssbctl.core.errors import UserError

@@ -13,13 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
 from ssbctl.config import Recipe, deep_merge, dump_toml, read_toml, recipe_from_dict, split_recorded, to_dict
 from ssbctl.core.errors import DataError, UserError
 from ssbctl.core.io import atomic_write_json, atomic_write_text, check_output, fresh_dir, mark_kind, replace_dir
+from ssbctl.core.validate import field, read_json
 from ssbctl.model.ssb import SSBModel
 from ssbctl.model.text_encoder import text_backbone_from_folder
-from ssbctl.core.validate import field, read_json
 
 if TYPE_CHECKING:
     from ssbctl.data.store import ExpertStores

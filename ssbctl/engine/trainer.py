@@ -14,33 +14,44 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader
 
 from ssbctl.config import Recipe, TrainConfig
-from ssbctl.data.loader import (Collate, EpochBatchSampler, PairDataset, check_finite_features, check_global_batch,
-                                split_pairs)
-from ssbctl.data.store import Store
-from ssbctl.engine.accumulate import Embed, accumulated_backward
-from ssbctl.engine.rng import rng_states, set_rng_states
-from ssbctl.engine.checkpoint import (latest_checkpoint, load_trainer_state, load_weights, remap_optimizer_state,
-                                      save_checkpoint)
 from ssbctl.core.distributed import any_rank, average_gradients, barrier, gather_objects, in_group, setup, teardown
-from ssbctl.engine.reporting import open_sinks
-from ssbctl.engine.run import build_run_model, check_store_fits, read_run_recipe, write_recipe, write_run_files
 from ssbctl.core.errors import DataError, TrainingError, UserError
 from ssbctl.core.io import append_jsonl, atomic_write_text, jsonl_text, read_jsonl
+from ssbctl.core.validate import field as require
 from ssbctl.data.batch import Batch
+from ssbctl.data.loader import (
+    Collate,
+    EpochBatchSampler,
+    PairDataset,
+    check_finite_features,
+    check_global_batch,
+    split_pairs,
+)
+from ssbctl.data.store import Store, open_stores
+from ssbctl.engine.accumulate import Embed, accumulated_backward
+from ssbctl.engine.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    load_weights,
+    remap_optimizer_state,
+    save_checkpoint,
+)
+from ssbctl.engine.reporting import open_sinks
+from ssbctl.engine.rng import rng_states, set_rng_states
+from ssbctl.engine.run import build_run_model, check_store_fits, read_run_recipe, write_recipe, write_run_files
 from ssbctl.model.ssb import SSBModel, build_model
 from ssbctl.model.t5_decoder import PRETRAINED_PREFIXES as PRETRAINED_DECODER
 from ssbctl.objective.grad_norms import as_metrics
 from ssbctl.objective.step import SSBObjective
-from ssbctl.data.store import open_stores
-from ssbctl.core.validate import field as require
 
 METRICS_FILE = "metrics.jsonl"
 SUPERSEDED_METRICS_FILE = "metrics.superseded.jsonl"

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from ssbctl.config import LossConfig, ModelConfig
 from ssbctl.data.batch import Batch
 from ssbctl.model.decoder import CaptionDecoder, decoder_vocab
+from ssbctl.model.precision import fp32_or_wider
 from ssbctl.model.support_set import SupportSetBottleneck
 from ssbctl.model.t5_decoder import T5CaptionDecoder, check_t5, load_t5_decoder
 from ssbctl.model.text_encoder import TextEncoder, load_text_backbone, resolve_source
-from ssbctl.model.precision import fp32_or_wider
 from ssbctl.model.video_encoder import VideoEncoder
 
 

@@ -36,7 +36,7 @@ whole gallery, ties broken by row. The bound assumes the bf16 product accumulate
 oneDNN's and PyTorch's CPU kernels do; :func:`bf16_accumulates_in_fp32` checks it once, on the
 layouts used, and the search falls back to the fp32 scan when it does not hold.
 
-Fallbacks to the plain fp32 scan (:func:`ssbctl.retrieval.index.topk_search`, exact up to fp32
+Fallbacks to the plain fp32 scan (:func:`ssbctl.retrieval.scan.topk_search`, exact up to fp32
 rounding): non-finite values, ``k >= N``, fewer than ``k`` groups, and any query that keeps more
 than ``cap_groups`` groups (the bound does not prune: a zero query, all rows equal, many
 near-ties). Memory above the data: one ``chunk x query_block`` bf16 score block, the kept pairs
@@ -143,7 +143,7 @@ def screened_topk(queries: torch.Tensor, gallery: ScreenedGallery, k: int, chunk
                   query_block: int = 1024, cap_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` (scores float32, rows int64), best first, of ``queries (Q, D)`` over the
     gallery; see the module docstring for why it is exact and when it falls back to fp32."""
-    from ssbctl.retrieval.index import topk_search
+    from ssbctl.retrieval.scan import topk_search
 
     queries = queries.float()
     n = gallery.rows.shape[0]
@@ -300,7 +300,7 @@ def exact_topk(queries: torch.Tensor, embeddings: torch.Tensor, k: int,
                cache: dict[str, object]) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` of ``queries`` over ``embeddings``: screened where that pays, else the fp32
     scan. ``cache`` keeps the gallery's bf16 copy between calls (rebuilt when the tensor changes)."""
-    from ssbctl.retrieval.index import topk_search
+    from ssbctl.retrieval.scan import topk_search
 
     if not screening_pays(embeddings.shape[0]):
         return topk_search(queries.float(), embeddings.float(), k)

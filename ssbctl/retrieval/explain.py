@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ssbctl.inference.run import LoadedRun
 from ssbctl.core.errors import UserError
+from ssbctl.inference.run import LoadedRun
 from ssbctl.retrieval.index import Index
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ssbctl.data.store import FeatureStore
 from ssbctl.data.decode_pool import DecodePool
+from ssbctl.data.store import FeatureStore
 from ssbctl.data.video import Sampling, thumbnail_png
 from ssbctl.retrieval.explain import support_attention
 from ssbctl.retrieval.search import Searcher

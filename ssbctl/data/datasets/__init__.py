@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from ssbctl.core.errors import UserError
 from ssbctl.data.datasets import msrvtt, msvd, paragraphs, vatex
 from ssbctl.data.datasets.common import Protocol, VideoItem, require_root
 from ssbctl.data.datasets.custom import read_custom
-from ssbctl.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal, overload
 
-from ssbctl.data.video import VIDEO_SUFFIXES
 from ssbctl.core.errors import UserError
+from ssbctl.data.video import VIDEO_SUFFIXES
 
 
 @dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ssbctl.data.datasets.common import VideoItem, read_csv
 from ssbctl.core.errors import UserError
+from ssbctl.data.datasets.common import VideoItem, read_csv
 
 
 def _rows(path: Path) -> list[dict[str, object]]:

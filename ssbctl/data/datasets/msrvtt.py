@@ -13,8 +13,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from ssbctl.data.datasets.common import Protocol, VideoFiles, VideoItem, find_file, read_csv, split_file
 from ssbctl.core.errors import UserError
+from ssbctl.data.datasets.common import Protocol, VideoFiles, VideoItem, find_file, read_csv, split_file
 
 PROTOCOL = Protocol(ks=(1, 5, 10), max_frames=12,
                     note="MSR-VTT 1k-A: 1,000 JSFUSION test pairs, one caption per video")

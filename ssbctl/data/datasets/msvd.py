@@ -15,8 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ssbctl.data.datasets.common import Protocol, VideoFiles, VideoItem, find_file, read_ids, split_file
 from ssbctl.core.errors import UserError
+from ssbctl.data.datasets.common import Protocol, VideoFiles, VideoItem, find_file, read_ids, split_file
 
 PROTOCOL = Protocol(ks=(1, 5, 10), max_frames=12,
                     note="MSVD: 670 test videos, every caption a query; v2t counts the best caption")

@@ -22,8 +22,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ssbctl.data.datasets.common import Protocol, VideoFiles, VideoItem, find_file
 from ssbctl.core.errors import UserError
+from ssbctl.data.datasets.common import Protocol, VideoFiles, VideoItem, find_file
 
 ACTIVITYNET = Protocol(ks=(1, 5, 10, 50), paragraph=True, max_frames=64,
                        note="ActivityNet Captions paragraph-to-video on val_1; R@50 reported")

@@ -11,9 +11,10 @@ The videos are real H.264 mp4 files written with PyAV; the annotations are writt
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

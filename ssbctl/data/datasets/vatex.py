@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ssbctl.data.datasets.common import Protocol, VideoFiles, VideoItem, find_file, read_ids
 from ssbctl.core.errors import UserError
+from ssbctl.data.datasets.common import Protocol, VideoFiles, VideoItem, find_file, read_ids
 
 PROTOCOL = Protocol(ks=(1, 5, 10), max_frames=12,
                     note="VATEX HGR split: 1,500 test videos, 10 captions each, every caption a query")
