@@ -16,9 +16,9 @@ from ssbctl.evaluation.evaluate import evaluate_split
 
 
 def train(recipe: Recipe, run_dir: Path, resume: bool = False,
-          reporter: Reporter | None = None) -> dict[str, Any]:
+          reporter: Reporter | None = None, source: str | None = None) -> dict[str, Any]:
     """Train ``recipe`` into ``run_dir`` (continuing its latest checkpoint with ``resume``),
     evaluating text-to-video and video-to-text retrieval on ``data.eval_split`` after every epoch.
 
     Under torchrun, the process group this call joins is left before it returns (or raises)."""
-    return train_engine(recipe, run_dir, resume, reporter, evaluate=evaluate_split)
+    return train_engine(recipe, run_dir, resume, reporter, evaluate=evaluate_split, source=source)

@@ -117,6 +117,8 @@ def test_runs_lists_checkpoint_data_model_and_best_validation(tiny_recipe_args, 
         result = cli(["train", "--recipe", str(recipe), "--out", str(runs / name), "--set", f"train.epochs={epochs}"],
                      timeout=600)
         assert result.code == 0, result.err
+    resumed = cli(["train", "--resume", "--out", str(runs / "b"), "--set", "train.epochs=2"], timeout=600)
+    assert resumed.code == 0, resumed.err  # a resume keeps the recipe the run was started from
     shutil.copytree(runs / "a", runs / "damaged")
     metrics = runs / "damaged" / "metrics.jsonl"
     lines = metrics.read_text().splitlines()
@@ -131,18 +133,19 @@ def test_runs_lists_checkpoint_data_model_and_best_validation(tiny_recipe_args, 
     a = rows["a"]
     assert a["status"] == "ok" and a["problem"] is None
     assert a["data"] == load_recipe(str(recipe)).data.prepared and a["model"] == "ssb-minilm-pixels"
+    assert a["recipe"] == rows["b"]["recipe"] == str(recipe)  # what --recipe named, recorded in run.json
     assert a["checkpoint"] == (runs / "a" / "checkpoints" / "latest").read_text().strip()
     evals = [json.loads(line)["eval"] for line in (runs / "a" / "metrics.jsonl").read_text().splitlines()
              if "eval" in json.loads(line)]
     assert len(evals) == 2
     assert a["best"]["t2v"]["R1"] == max(e["t2v"]["R1"] for e in evals) and a["best"]["split"] == "val"
-    assert rows["b"]["step"] < a["step"]
+    assert rows["b"]["step"] == a["step"]  # b: one epoch, then resumed to two
     damaged = rows["damaged"]
     assert damaged["status"] == "damaged" and "metrics.jsonl line 2" in damaged["problem"], damaged
 
     table = cli(["runs", str(runs)])  # piped: a header and one tab-separated line per run, whole values
     assert table.code == 0, table.err
-    assert table.out.splitlines()[0].split("\t")[:3] == ["run", "status", "checkpoint"]
+    assert table.out.splitlines()[0].split("\t")[:4] == ["run", "status", "checkpoint", "recipe"]
     assert any(line.startswith(f"{runs / 'damaged'}\tdamaged: ") for line in table.out.splitlines()), table.out
     assert cli(["runs", str(runs / "a"), "--json"]).code == 0  # one run by its own folder
     assert_one_error_line(cli(["runs", str(tmp_path / "nowhere")]), 2, "nowhere")

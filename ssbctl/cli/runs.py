@@ -70,7 +70,8 @@ def best_eval(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def describe(run: Path) -> dict[str, Any]:
     """One run's summary; ``status`` is ``damaged`` (with ``problem``) when a file cannot be read."""
-    row: dict[str, Any] = {"run": str(run), "status": "ok", "problem": None, "data": None, "model": None,
+    row: dict[str, Any] = {"run": str(run), "status": "ok", "problem": None, "recipe": None, "data": None,
+                           "model": None,
                            "checkpoint": None, "step": None, "best": None}
     try:
         _fill(run, row)
@@ -84,9 +85,10 @@ def _fill(run: Path, row: dict[str, Any]) -> None:
     from ssbctl.core.io import read_jsonl
     from ssbctl.core.validate import read_json
     from ssbctl.engine.checkpoint import latest_checkpoint
-    from ssbctl.engine.run import read_run_recipe
+    from ssbctl.engine.run import read_run_recipe, read_run_source
 
     recipe = read_run_recipe(run)
+    row["recipe"] = read_run_source(run)
     row["data"], row["model"] = recipe.data.prepared, recipe.model.name or None
     checkpoint = latest_checkpoint(run)
     if checkpoint is not None:
@@ -113,7 +115,7 @@ def runs(
         help="A folder of runs (searched 3 levels deep), or one run.")] = Path("runs"),
     as_json: JsonOption = False,
 ) -> None:
-    """List the training runs under FOLDER: last checkpoint, data and model, best validation numbers."""
+    """List the training runs under FOLDER: last checkpoint, recipe, data and model, best validation numbers."""
     from ssbctl.core.errors import UserError
 
     folder = folder.expanduser()
@@ -126,9 +128,9 @@ def runs(
     if not rows:
         out.print(f"no runs under {folder}", markup=False, highlight=False)
         return
-    columns = ("run", "status", "checkpoint", "data", "model", "best validation")
-    cells = [[r["run"], r["status"] if r["problem"] is None else f"damaged: {r['problem']}",
-              r["checkpoint"] or "-", r["data"] or "-", r["model"] or "-", _best_text(r["best"])] for r in rows]
+    columns = ("run", "status", "checkpoint", "recipe", "data", "model", "best validation")
+    cells = [[r["run"], r["status"] if r["problem"] is None else f"damaged: {r['problem']}", r["checkpoint"] or "-",
+              r["recipe"] or "-", r["data"] or "-", r["model"] or "-", _best_text(r["best"])] for r in rows]
     if not out.is_terminal:  # a pipe or a file: whole values, tab-separated, a header line first
         for line in (list(columns), *cells):
             print("\t".join(line))  # print: rich would expand the tabs

@@ -61,7 +61,8 @@ def train(
             raise typer.Exit(launch_torchrun(nproc, _command_line(ctx), env=lock_env([lock])))
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 alone takes the lock
     with output_lock(run_dir) if main_process else nullcontext():
-        summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter())  # leaves the process group
+        summary = run_training(resolved, run_dir, resume=resume, reporter=RichReporter(),  # leaves the process group
+                               source=None if resume else recipe)
     if not DistInfo(rank=summary["rank"]).is_main:
         return
     if build_index and not summary["stopped_by"]:

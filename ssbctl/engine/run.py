@@ -31,7 +31,7 @@ EXPERTS_FILE = "experts.json"
 
 
 def write_run_files(run_dir: Path, recipe: Recipe, tokenizer: Any, text_config: Any,
-                    experts: list[dict[str, Any]]) -> None:
+                    experts: list[dict[str, Any]], source: str | None = None) -> None:
     """Save the resolved recipe, the text model's tokenizer and config, and each expert's backbone
     and frame sampling (so the run can embed new videos without its prepared data).
 
@@ -44,16 +44,29 @@ def write_run_files(run_dir: Path, recipe: Recipe, tokenizer: Any, text_config: 
     tokenizer.save_pretrained(tmp)
     text_config.save_pretrained(tmp)
     replace_dir(tmp, run_dir / TEXT_DIR)
-    write_recipe(run_dir, recipe)
+    write_recipe(run_dir, recipe, source)
 
 
-def write_recipe(run_dir: Path, recipe: Recipe) -> None:
+def write_recipe(run_dir: Path, recipe: Recipe, source: str | None = None) -> None:
     """Save the resolved recipe (headed by the command that continues the run) and, apart from it,
-    the values training recorded (``run.json``): the record first, so a recipe never lacks one."""
+    the values training recorded (``run.json``): the record first, so a recipe never lacks one.
+    ``source`` is the recipe the run was started from (``--recipe``: a name or a file); None keeps
+    the one recorded before (a resume)."""
     user, recorded = split_recorded(to_dict(recipe))
-    atomic_write_json(Path(run_dir) / RECORD_FILE, {"format_version": RECORD_VERSION, "recorded": recorded})
+    source = source if source is not None else read_run_source(Path(run_dir))
+    atomic_write_json(Path(run_dir) / RECORD_FILE, {"format_version": RECORD_VERSION, "recipe": source,
+                                                    "recorded": recorded})
     header = f"# Resolved recipe of this run. Continue it with:\n#   ssbctl train --resume --out {run_dir}"
     atomic_write_text(Path(run_dir) / RECIPE_FILE, dump_toml(user, header))
+
+
+def read_run_source(run_dir: Path) -> str | None:
+    """The recipe (name or file) a run was started from, when its ``run.json`` records one."""
+    record = Path(run_dir) / RECORD_FILE
+    if not record.is_file():
+        return None
+    source = read_json(record, dict).get("recipe")
+    return source if isinstance(source, str) else None
 
 
 def read_run_recipe(run_dir: Path) -> Recipe:

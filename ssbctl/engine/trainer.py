@@ -150,7 +150,7 @@ class Trainer:
     ``evaluate``, when given, validates on ``data.eval_split`` after every epoch (``metrics.jsonl``)."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, resume: bool = False,
-                 reporter: Reporter | None = None, evaluate: Evaluate | None = None) -> None:
+                 reporter: Reporter | None = None, evaluate: Evaluate | None = None, source: str | None = None) -> None:
         self.cfg = recipe.train
         self.evaluate = evaluate
         self.run_dir = Path(run_dir)
@@ -173,7 +173,7 @@ class Trainer:
             recipe = dataclasses.replace(recipe, model=model_cfg)
             if self.dist.is_main:
                 write_run_files(self.run_dir, recipe, self.tokenizer, model.text.backbone.config,
-                                self.store.expert_specs())
+                                self.store.expert_specs(), source)
         else:  # the architecture is the run's own, whatever model the given recipe names
             recipe = dataclasses.replace(recipe, model=read_run_recipe(self.run_dir).model)
             check_store_fits(self.run_dir, recipe, self.store)
@@ -508,14 +508,15 @@ class _StopOnSignal:
 
 
 def train(recipe: Recipe, run_dir: Path, resume: bool = False, reporter: Reporter | None = None,
-          evaluate: Evaluate | None = None) -> dict[str, Any]:
-    """Train ``recipe`` into ``run_dir`` (continuing its latest checkpoint with ``resume``; see ``Trainer``).
+          evaluate: Evaluate | None = None, source: str | None = None) -> dict[str, Any]:
+    """Train ``recipe`` into ``run_dir`` (continuing its latest checkpoint with ``resume``; see ``Trainer``);
+    ``source`` names the recipe it came from (recorded in ``run.json``).
 
     Under torchrun, the process group this call joins is left before it returns (or raises):
     every rank passed the last barrier of ``fit``, and a process must not exit with gloo alive."""
     joins = not in_group()
     try:
-        return Trainer(recipe, run_dir, resume, reporter, evaluate).fit()
+        return Trainer(recipe, run_dir, resume, reporter, evaluate, source).fit()
     finally:
         if joins:
             teardown()
