@@ -28,7 +28,8 @@ import torch
 
 from matmul_peak import describe, matmul_peak
 from ssbctl.retrieval.exact import screening_pays
-from ssbctl.retrieval.index import Index, topk_search
+from ssbctl.retrieval.index import Index
+from ssbctl.retrieval.scan import topk_search
 
 
 def load() -> str:

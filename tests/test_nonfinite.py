@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from ssbctl.cli.app import main
 from ssbctl.engine.checkpoint import latest_checkpoint
 from ssbctl.evaluation.metrics import retrieval_metrics
-from ssbctl.retrieval.index import Index, topk_search
+from ssbctl.retrieval.index import Index
+from ssbctl.retrieval.scan import topk_search
 
 
 def _sets(args: list[str]) -> list[str]:
