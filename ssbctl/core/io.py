@@ -63,16 +63,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``path``, fsync it, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _synced_temp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _synced_temp(path: Path, data: bytes) -> str:
+    """A temp file beside ``path`` holding ``data``, fsynced (removed again if writing fails)."""
     fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def write_new_file(path: Path, data: bytes) -> None:
@@ -80,12 +90,8 @@ def write_new_file(path: Path, data: bytes) -> None:
     hard-linked into place, which fails if ``path`` appeared meanwhile (FileExistsError) and never
     replaces anything. Like every write here, the file gets 0666 less the process umask."""
     path = Path(path)
-    fd, tmp = _create_temp(path)
+    tmp = _synced_temp(path, data)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.link(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
