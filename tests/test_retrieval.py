@@ -13,14 +13,15 @@ from ssbctl.retrieval.index import Index
 from ssbctl.retrieval.scan import topk_search
 
 
+@pytest.mark.parametrize("query_block", [2, 1024])  # 2: the chunked loop; 1024: one product where it fits
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
-def test_chunked_topk_equals_brute_force(chunk: int) -> None:
+def test_chunked_topk_equals_brute_force(chunk: int, query_block: int) -> None:
     # float64: the chunked and the whole product may round differently (another CPU, another
     # shape); in fp32 a near-tie could then swap two indices
     torch.manual_seed(0)
     gallery = F.normalize(torch.randn(300, 16, dtype=torch.float64), dim=-1)
     queries = F.normalize(torch.randn(9, 16, dtype=torch.float64), dim=-1)
-    scores, rows = topk_search(queries, gallery, 10, chunk=chunk)
+    scores, rows = topk_search(queries, gallery, 10, chunk=chunk, query_block=query_block)
     ref = (queries @ gallery.t()).topk(10, dim=1)
     torch.testing.assert_close(scores, ref.values)
     assert torch.equal(rows, ref.indices)

@@ -12,6 +12,8 @@ from ssbctl.retrieval.exact import BF16_ROUNDOFF, ScreenedGallery, bf16_accumula
 from ssbctl.retrieval.index import Index
 
 SMALL = {"chunk": 64, "group": 8, "query_block": 16}  # many chunks, groups and blocks on a small gallery
+WHOLE = {"chunk": 4096, "group": 8, "query_block": 1024}  # a few queries: one bf16 product over every row
+LAYOUTS = pytest.mark.parametrize("layout", [SMALL, WHOLE], ids=["chunked", "whole"])
 
 
 def reference(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,38 +47,57 @@ def clustered(n: int, dim: int, centres: int, seed: int = 1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("k", [1, 5, 10])
-def test_random_gallery_equals_brute_force(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@LAYOUTS
+def test_random_gallery_equals_brute_force(k: int, monkeypatch: pytest.MonkeyPatch, layout: dict[str, int]) -> None:
     gallery, queries = unit(3000, 32), unit(40, 32, seed=1)
     no_fallback(monkeypatch)
-    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), k, **SMALL)
+    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), k, **layout)
     ref_s, ref_r = reference(queries, gallery, k)
     assert torch.equal(rows, ref_r)
     assert torch.allclose(scores.double(), ref_s, rtol=0, atol=1e-7)
 
 
-def test_clustered_sorted_gallery(monkeypatch: pytest.MonkeyPatch) -> None:
+@LAYOUTS
+def test_clustered_sorted_gallery(monkeypatch: pytest.MonkeyPatch, layout: dict[str, int]) -> None:
     gallery = clustered(4000, 32, 50)
     queries = torch.cat([gallery[::200] + 0.01 * unit(20, 32, seed=3), unit(10, 32, seed=4)])
     no_fallback(monkeypatch)
-    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), 10, **SMALL)
+    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), 10, **layout)
     assert torch.equal(rows, reference(queries, gallery, 10)[1])
 
 
-def test_near_ties_below_bf16_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+@LAYOUTS
+def test_near_ties_below_bf16_resolution(monkeypatch: pytest.MonkeyPatch, layout: dict[str, int]) -> None:
     """Scores that differ by ~1e-7, far below bf16's resolution (~1e-3): only the re-scoring can order them."""
     base = unit(1, 32)
     gallery = torch.cat([base + 1e-6 * unit(300, 32, seed=5), unit(2000, 32, seed=6)])
     queries = torch.cat([base, base + 1e-4 * unit(5, 32, seed=7)])
     no_fallback(monkeypatch)
-    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), 10, **SMALL)
+    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), 10, **layout)
     assert torch.equal(rows, reference(queries, gallery, 10)[1])
 
 
-def test_duplicates_tie_by_row(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("layout", [{**SMALL, "group": 2, "cap_groups": 400}, WHOLE], ids=["chunked", "whole"])
+@pytest.mark.parametrize("spread", [3e-3, 1e-2, 3e-2])
+def test_bf16_rounding_reorders_the_boundary(spread: float, monkeypatch: pytest.MonkeyPatch,
+                                             layout: dict[str, int]) -> None:
+    """Rows whose exact scores differ by about bf16's rounding error of a score: the bf16 order
+    is not the exact order around the k-th row, so keeping only rows at or above the k-th bf16
+    score (no bound) misses some of the true top-k."""
+    base = unit(1, 32, seed=24)
+    gallery = torch.cat([base + spread * unit(400, 32, seed=25), unit(1000, 32, seed=26)])
+    queries = torch.cat([base, base + spread * unit(3, 32, seed=27)])
+    no_fallback(monkeypatch)
+    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), 10, **layout)
+    assert torch.equal(rows, reference(queries, gallery, 10)[1])
+
+
+@LAYOUTS
+def test_duplicates_tie_by_row(monkeypatch: pytest.MonkeyPatch, layout: dict[str, int]) -> None:
     gallery = unit(700, 32, seed=8).repeat_interleave(3, dim=0)  # every row three times: exact ties
     queries = unit(12, 32, seed=9)
     no_fallback(monkeypatch)
-    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), 10, **SMALL)
+    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), 10, **layout)
     assert torch.equal(rows, reference(queries, gallery, 10)[1])
 
 
@@ -90,33 +111,37 @@ def check_tied_result(queries: torch.Tensor, gallery: torch.Tensor, k: int, scor
     assert torch.allclose(scores.double(), ref_s, rtol=0, atol=1e-6)
 
 
-def test_all_rows_equal_falls_back_exactly() -> None:
+@LAYOUTS
+def test_all_rows_equal_falls_back_exactly(layout: dict[str, int]) -> None:
     gallery = unit(1, 32).repeat(1000, 1)
     queries = unit(6, 32, seed=10)
-    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), 10, **SMALL)
+    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), 10, **layout)
     check_tied_result(queries, gallery, 10, scores, rows)
 
 
-def test_zero_vectors() -> None:
+@LAYOUTS
+def test_zero_vectors(layout: dict[str, int]) -> None:
     gallery = torch.cat([unit(800, 32, seed=11), torch.zeros(200, 32)])
     queries = torch.cat([unit(5, 32, seed=12), torch.zeros(2, 32)])  # a zero query ties every row at 0
-    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), 10, **SMALL)
+    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), 10, **layout)
     check_tied_result(queries, gallery, 10, scores, rows)
     assert torch.equal(rows[:5], reference(queries[:5], gallery, 10)[1])
 
 
 @pytest.mark.parametrize("k", [999, 1000, 1500])
-def test_k_at_least_n(k: int) -> None:
+@LAYOUTS
+def test_k_at_least_n(k: int, layout: dict[str, int]) -> None:
     gallery, queries = unit(999, 16, seed=13), unit(3, 16, seed=14)
-    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), k, **SMALL)
+    scores, rows = screened_topk(queries, ScreenedGallery.build(gallery), k, **layout)
     assert rows.shape == (3, 999)
     check_tied_result(queries, gallery, 999, scores, rows)
 
 
-def test_non_finite_rows_fall_back() -> None:
+@LAYOUTS
+def test_non_finite_rows_fall_back(layout: dict[str, int]) -> None:
     gallery = unit(500, 16, seed=15)
     gallery[7, 3] = float("nan")
-    scores, rows = screened_topk(unit(2, 16, seed=16), ScreenedGallery.build(gallery), 5, **SMALL)
+    scores, rows = screened_topk(unit(2, 16, seed=16), ScreenedGallery.build(gallery), 5, **layout)
     assert 7 not in rows.tolist()[0] and torch.isfinite(scores).all()
 
 

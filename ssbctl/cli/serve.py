@@ -58,6 +58,10 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# The search thread releases the GIL at every torch op; with Python's default 5 ms the event loop
+# may keep it that long each time, which under load doubled a batch's time (benchmarks/serve.py).
+GIL_SWITCH_SECONDS = 0.0002
+
 def serve(
     index_dir: Annotated[Path | None, typer.Argument(
         help="Index folder (default: $SSBCTL_HOME/index, the one `ssbctl demo` writes).", show_default=False)] = None,
@@ -94,6 +98,7 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     try:
         service = Service(index_dir, run_dir, device)  # model and index, loaded once
         loopback = host in LOOPBACK

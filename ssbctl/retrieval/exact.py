@@ -159,6 +159,14 @@ def screened_topk(queries: torch.Tensor, gallery: ScreenedGallery, k: int, chunk
     for qs in range(0, queries.shape[0], query_block):
         block = queries[qs:qs + query_block]
         b1, c = gallery.bound(block), gallery.fp32_bound(block)
+        if len(block) * n <= query_block * chunk:  # a few queries: every row's bf16 score at once
+            done = _screen_whole(block, gallery, k, b1, group * cap_groups, scores[qs:qs + len(block)],
+                                 rows[qs:qs + len(block)])
+            if not bool(done.all()):
+                redo = torch.nonzero(~done).flatten()
+                s, r = topk_search(block[redo], gallery.rows, k, chunk=chunk, query_block=query_block)
+                scores[qs + redo], rows[qs + redo] = s, r
+            continue
         level, pair_q, pair_g, done = _screen(block.to(torch.bfloat16), gallery.low, k, b1, chunk, group,
                                               16 * cap_groups)  # pass 1
         done &= torch.bincount(pair_q, minlength=len(block)) <= cap_groups
@@ -173,6 +181,22 @@ def screened_topk(queries: torch.Tensor, gallery: ScreenedGallery, k: int, chunk
             s, r = topk_search(block[redo], gallery.rows, k, chunk=chunk, query_block=query_block)
             scores[qs + redo], rows[qs + redo] = s, r
     return scores, rows
+
+
+def _screen_whole(block: torch.Tensor, gallery: ScreenedGallery, k: int, b1: torch.Tensor, cap: int,
+                  scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Pass 1 and 2 for a few queries (a served search): the bf16 scores of every row in one
+    product; ``L`` is each query's k-th largest, reached by k distinct rows, so the rows with
+    ``t >= bar(L)`` hold every row that can be in the top-k (module docstring, step (i), with
+    groups of one row). They are re-scored in float64 and the best ``k`` written to ``scores``
+    and ``rows``. Returns which queries are done: one with more than ``cap`` candidates (the
+    bound does not prune) is left for the caller's fp32 scan."""
+    t = torch.mm(block.to(torch.bfloat16), gallery.low.t()).float()  # (Q, N)
+    level = t.topk(k, dim=1).values[:, -1]
+    cand_q, cand_r = torch.nonzero(t >= bar_for(level, b1)[:, None], as_tuple=True)
+    done = torch.bincount(cand_q, minlength=len(block)) <= cap
+    keep = done[cand_q]
+    return _rescore(block, gallery.rows, k, cand_q[keep], cand_r[keep], scores, rows) & done
 
 
 def _screen(low: torch.Tensor, gallery: torch.Tensor, k: int, b1: torch.Tensor, chunk: int, group: int,
@@ -287,13 +311,17 @@ def _rescore(block: torch.Tensor, rows: torch.Tensor, k: int, cand_q: torch.Tens
 
 
 SCREEN_MIN_ROWS = 200_000  # below, the screen's fixed costs lose to the fp32 scan (benchmarks/retrieval.py)
+SCREEN_MIN_ROWS_FEW = 50_000  # the same for a few queries (one bf16 product): about 2x at 100k x 8 queries
+FEW_QUERIES = 32  # "a few": what a served search batches
 
 
-def screening_pays(rows: int) -> bool:
+def screening_pays(rows: int, queries: int = FEW_QUERIES + 1) -> bool:
     """Whether the bf16 screen is worth it: a CPU with AMX tiles (bf16 products several times the
-    fp32 rate; elsewhere bf16 can be slower than fp32) and a gallery of ``SCREEN_MIN_ROWS`` or more."""
+    fp32 rate; elsewhere bf16 can be slower than fp32) and a gallery of ``SCREEN_MIN_ROWS`` or more
+    (``SCREEN_MIN_ROWS_FEW`` for up to ``FEW_QUERIES`` queries)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return rows >= SCREEN_MIN_ROWS and callable(amx) and bool(amx())
+    least = SCREEN_MIN_ROWS_FEW if queries <= FEW_QUERIES else SCREEN_MIN_ROWS
+    return rows >= least and callable(amx) and bool(amx())
 
 
 def exact_topk(queries: torch.Tensor, embeddings: torch.Tensor, k: int,
@@ -302,7 +330,7 @@ def exact_topk(queries: torch.Tensor, embeddings: torch.Tensor, k: int,
     scan. ``cache`` keeps the gallery's bf16 copy between calls (rebuilt when the tensor changes)."""
     from ssbctl.retrieval.scan import topk_search
 
-    if not screening_pays(embeddings.shape[0]):
+    if not screening_pays(embeddings.shape[0], queries.shape[0]):
         return topk_search(queries.float(), embeddings.float(), k)
     key = (embeddings.data_ptr(), tuple(embeddings.shape), embeddings.dtype, embeddings._version)
     if cache.get("key") != key:

@@ -16,9 +16,18 @@ def topk_search(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int
     more than the matrix products. Memory: ``query_block x chunk`` scores, whatever N is.
     Returns scores and gallery rows, best first. A non-finite score (a NaN or Inf embedding)
     ranks below every finite one and comes back as ``-inf``.
+
+    A few queries (a served search, ``Q x N`` within the same ``query_block x chunk`` scores)
+    take one product and one top-k instead: at 8 x 100k that is about twice as fast as the
+    chunked loop, whose per-chunk bookkeeping then costs more than the products.
     """
     k = min(k, gallery.shape[0])
     last = torch.finfo(queries.dtype).min  # stands in for non-finite scores: below any real one
+    if 0 < queries.shape[0] * gallery.shape[0] <= query_block * chunk:
+        scores = torch.mm(queries, gallery.to(queries.dtype).t())  # (Q, N)
+        scores.masked_fill_(~torch.isfinite(scores), last)
+        top = scores.topk(k, dim=1)
+        return top.values.masked_fill(top.values <= last, float("-inf")), top.indices
     buffer = queries.new_empty(min(query_block, queries.shape[0]), min(chunk, gallery.shape[0]))
     scores_out, rows_out = [], []
     for qs in range(0, queries.shape[0], query_block):
