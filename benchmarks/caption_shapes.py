@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--num-videos", type=int, default=600)
     parser.add_argument("--epochs", type=int, default=12, help="Training epochs (the shapes recipe's 12).")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pixel-size", type=int, default=16,
+                        help="Side of the pixels backbone's frame features (the demo's: 16).")
     parser.add_argument("--beam", type=int, default=1)
     parser.add_argument("--masks", nargs="+", default=["identity", "cross"], choices=["identity", "full", "cross"])
     parser.add_argument("--work", type=Path, required=True, help="Folder for data and runs (reused when there).")
@@ -131,7 +133,7 @@ def main() -> None:
     if not (data / "videos.jsonl").is_file():
         items = dataset_items("shapes", args.work / "raw", None, ShapesSpec(num_videos=args.num_videos,
                                                                              seed=args.seed))
-        prepare_items(items, data, "shapes", build_backbone("pixels"), Sampling())
+        prepare_items(items, data, "shapes", build_backbone("pixels", size=args.pixel_size), Sampling())
     store = FeatureStore(data)
     scenes_by_file = {Path(s["video"]).name: s for s in map(json.loads, (args.work / "raw" / "scenes.jsonl")
                                                              .read_text().splitlines())}
@@ -151,7 +153,8 @@ def main() -> None:
     rows["reference"] = {**attribute_shares(held_out, scenes),
                          **coco_scores(held_out, {v: refs[v][1:] for v in held_out}), "s/video": 0.0}
     print(f"shapes test split: {len(refs)} videos, {sum(map(len, refs.values()))} reference captions; "
-          f"{args.num_videos} clips, {args.epochs} epochs, seed {args.seed}, beam {args.beam}")
+          f"{args.num_videos} clips, {args.pixel_size} px features, {args.epochs} epochs, seed {args.seed}, "
+          f"beam {args.beam}")
     keys = [*ATTRIBUTES, "colour+shape", "BLEU-4", "CIDEr-D", "s/video"]
     print("| run | " + " | ".join(k + (" %" if k in (*ATTRIBUTES, "colour+shape") else "") for k in keys) + " |")
     print("|---|" + "---:|" * len(keys))

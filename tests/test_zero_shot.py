@@ -251,3 +251,10 @@ def test_a_run_of_the_previous_clip_architecture_still_loads(tiny_clip: Path, tm
     assert isinstance(loaded.model.text.proj, torch.nn.Linear)
     with torch.no_grad():
         assert torch.equal(loaded.encode_text(CAPTIONS), embed_texts(model.eval(), tokenizer, CAPTIONS, CPU))
+
+
+def test_an_image_model_decodes_frames_at_its_processor_size(tiny_clip: Path, tiny_siglip: Path) -> None:
+    """prepare decodes at the side the image processor resizes to (CLIP: the shorter side;
+    SigLIP: its square), so the processor's own resize of full frames is skipped."""
+    assert HFImageBackbone(str(tiny_clip), kind="clip", device="cpu").decode_side() == 32
+    assert HFImageBackbone(str(tiny_siglip), kind="hf", device="cpu").decode_side() == 32

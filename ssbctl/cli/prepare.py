@@ -160,6 +160,9 @@ def prepare(
         help="fps (default for real datasets) or uniform (segment centres).")] = None,
     fps: Annotated[float, typer.Option(help="fps sampling: frames per second.", callback=_positive_fps)] = 1.0,
     pixel_size: Annotated[int, typer.Option(help="pixels backbone: frames are resized to this square size.")] = 16,
+    full_frames: Annotated[bool, typer.Option(
+        "--full-frames", help="Decode full frames and resize them afterwards (default: decode at the size "
+                              "the backbone needs; the store records which).")] = False,
     shard: Annotated[str | None, typer.Option(
         help="K/N: prepare every N-th video from the K-th (default: torchrun's RANK/WORLD_SIZE).")] = None,
     workers: Annotated[int, typer.Option(help="Decoding processes (0: in-process, no crash isolation).",
@@ -227,7 +230,7 @@ def prepare(
     opts = PrepareOptions(sampling=Sampling(mode, frames or protocol.max_frames, fps, protocol.max_seconds),
                           shard=k, num_shards=n,
                           workers=workers, max_failures=max_failures, chunk_size=max(1, chunk_size),
-                          features=features is not None)
+                          features=features is not None, full_frames=full_frames)
     with ExitStack() as held, progress_bar(f"prepare {dataset} [{k}/{n}]") as update:
         for target in outs:  # one prepare per output (per shard of it: shards run side by side)
             held.enter_context(output_lock(target, f"shard-{k}-of-{n}" if n > 1 else ""))

@@ -21,6 +21,11 @@ class FeatureSource(ABC):
     def options(self) -> dict[str, Any]:
         """Everything needed to rebuild this source (written to the manifest)."""
 
+    def decode_side(self) -> int | None:
+        """The shorter side, in pixels, frames may be decoded at for this source without changing
+        its features beyond about a grey level (``Sampling.short_side``); None: full frames."""
+        return None
+
 
 class Backbone(FeatureSource):
     """Maps uint8 frames ``(T, H, W, 3)`` to float32 features ``(T, dim)``."""

@@ -33,6 +33,11 @@ class PixelsBackbone(Backbone):
     def options(self) -> dict[str, Any]:
         return {"size": self.size}
 
+    def decode_side(self) -> int:
+        """Four times the feature side: the area resize then averages 4x4 blocks or more, which
+        keeps the features within about a grey level of full frames (benchmarks/decode_at_size.py)."""
+        return 4 * self.size
+
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, 3, H, W)

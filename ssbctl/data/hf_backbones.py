@@ -66,6 +66,14 @@ class HFImageBackbone(Backbone):
     def options(self) -> dict[str, Any]:
         return {"model": self.model_id}
 
+    def decode_side(self) -> int | None:
+        """The side the image processor resizes to (CLIP: the shorter side to 224, as CLIP4Clip
+        preprocesses its videos), so its own resize is then (nearly) a no-op; None when unknown."""
+        size = getattr(self.processor, "size", None)  # a dict, or transformers 5's SizeDict
+        read = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+        sides = [v for v in (read(k) for k in ("shortest_edge", "height", "width")) if v is not None]
+        return max(sides) if sides and all(isinstance(v, int) and v > 0 for v in sides) else None
+
     @torch.no_grad()
     def encode(self, frames: np.ndarray) -> torch.Tensor:
         out = []

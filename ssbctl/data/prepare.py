@@ -57,6 +57,7 @@ class PrepareOptions:
     chunk_size: int = 64  # videos per feature chunk in the work folder
     timeout: float = 300.0  # seconds one video may take to decode
     features: bool = False  # items point at pre-extracted feature files, not videos
+    full_frames: bool = False  # decode full frames, not at the size the backbones need
 
 
 def dataset_items(dataset: str, root: Path | None, annotations: Path | None, shapes: ShapesSpec | None = None,
@@ -164,6 +165,7 @@ def prepare(dataset: str, items: list[VideoItem], backbones: list[FeatureSource]
     outs = [output_path(out) for out in outs]
     for out in outs:  # only an earlier store may be replaced: refuse before any work
         check_output(out, "store")
+    opts = at_backbone_size(opts, backbones)
     root = work_root(outs[0])
     root.mkdir(parents=True, exist_ok=True)
     _check_settings(root, {"dataset": dataset, "backbones": [[b.name, b.options()] for b in backbones],
@@ -186,6 +188,19 @@ def prepare(dataset: str, items: list[VideoItem], backbones: list[FeatureSource]
             raise
         summary["merged"] = True
     return summary
+
+
+def at_backbone_size(opts: PrepareOptions, backbones: list[FeatureSource]) -> PrepareOptions:
+    """``opts`` with frames decoded at the largest size any of ``backbones`` needs (recorded in the
+    store's sampling, so a run decodes new videos the same way); unchanged for full frames, for
+    imported features, or when a backbone does not say its size."""
+    if opts.full_frames or opts.features or opts.sampling.short_side is not None:
+        return opts
+    sides = [b.decode_side() for b in backbones]
+    known = [side for side in sides if side is not None]
+    if not sides or len(known) < len(sides):
+        return opts
+    return dataclasses.replace(opts, sampling=dataclasses.replace(opts.sampling, short_side=max(known)))
 
 
 def _run_shard(items: list[VideoItem], backbones: list[FeatureSource], work: ShardWork, opts: PrepareOptions,
