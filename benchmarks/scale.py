@@ -15,10 +15,12 @@ one generated set, so each size is a prefix of the next.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ from ssbctl.data.video import Sampling
 from ssbctl.retrieval.index import Index
 
 
-def best_of(repeat: int, fn) -> float:  # type: ignore[no-untyped-def]
+def best_of(repeat: int, fn: Callable[[], object]) -> float:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -41,27 +43,30 @@ def best_of(repeat: int, fn) -> float:  # type: ignore[no-untyped-def]
     return min(times)
 
 
-def search_rows(sizes: list[int], queries: int, repeat: int) -> None:
+def search_times(n: int, queries: int, repeat: int) -> tuple[float, float]:
+    """Best search seconds of ssbctl's exact Index.top and of faiss IndexFlatIP over ``n`` rows."""
     import faiss
 
+    x, q = galleries("random", n, queries, 256, 1000)
+    index = Index(x, [{"video_id": "", "path": ""}] * n)
+    index.top(q[:1], 10)  # builds the bf16 copy where the screen is used (build, not search)
+    ours = best_of(repeat, functools.partial(index.top, q, 10))
+    flat = faiss.IndexFlatIP(256)
+    flat.add(x.numpy())
+    return ours, best_of(repeat, functools.partial(flat.search, q.numpy(), 10))
+
+
+def search_rows(sizes: list[int], queries: int, repeat: int) -> None:
     print(f"# exact top-10, {queries} queries x N x 256 float32, random gallery, search alone, best of {repeat}; "
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     print("| rows | ssbctl Index.top s | faiss search s | ssbctl / faiss | ssbctl us per 1k rows | "
           "faiss us per 1k rows | load |")
     print("|---|---|---|---|---|---|---|")
     for n in sizes:
-        x, q = galleries("random", n, queries, 256, 1000)
-        index = Index(x, [{"video_id": "", "path": ""}] * n)
-        index.top(q[:1], 10)  # builds the bf16 copy where the screen is used (build, not search)
-        ours = best_of(repeat, lambda: index.top(q, 10))
-        flat = faiss.IndexFlatIP(256)
-        flat.add(x.numpy())
-        qn = q.numpy()
-        theirs = best_of(repeat, lambda: flat.search(qn, 10))
+        ours, theirs = search_times(n, queries, repeat)
         per = 1e6 * 1000 / n
         print(f"| {n:,} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} | {ours * per:.1f} | {theirs * per:.1f} "
               f"| {load()} |", flush=True)
-        del x, index, flat
 
 
 def prepare_rows(counts: list[int], work: Path) -> None:
