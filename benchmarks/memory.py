@@ -29,7 +29,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+import ssbctl.data.prepare as prep_module  # what the measured commands run (chunk sizes named)
+import ssbctl.retrieval.build as build_module
 
 HERE = Path(__file__).resolve().parent
 MIB = 1024 * 1024
@@ -97,23 +99,15 @@ def make_run(work: Path) -> Path:
     """The tiny shapes run of benchmarks/serve.py (2 steps on 16 tiny clips)."""
     run = work / "tiny" / "run"
     if not (run / "run.json").is_file():
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); "
-                        f"from pathlib import Path; from serve import build_run; build_run(Path({str(work / 'tiny')!r}))"],
-                       check=True)
+        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from pathlib import Path; "
+                f"from serve import build_run; build_run(Path({str(work / 'tiny')!r}))")
+        subprocess.run([sys.executable, "-c", code], check=True)
     return run
-
-
-def prepare_module() -> Any:
-    import ssbctl.data.prepare as prepare
-
-    return prepare
 
 
 def index_chunk() -> str:
     """What bounds ``index``'s working set in the ssbctl at hand."""
-    import ssbctl.retrieval.build as build
-
-    chunk = getattr(build, "INDEX_CHUNK", None)
+    chunk = getattr(build_module, "INDEX_CHUNK", None)
     return (f"features read {chunk} videos at a time, embedded 256 at a time" if chunk
             else "all features read at once, embedded 256 at a time")
 
@@ -146,7 +140,7 @@ def main() -> None:
                          "data": f"{du_mib(out):.0f} MiB features written "
                                  f"({manifest['counts']['videos']} videos x 8 x {manifest['backbone']['dim']} fp32)",
                          "chunk": "64 videos per work chunk, 512 per store shard, 2 decode workers"
-                                  + ("" if hasattr(prepare_module(), "ChunkFiles") else "; every chunk file kept open")})
+                                  + ("" if hasattr(prep_module, "ChunkFiles") else "; every chunk file kept open")})
             print(json.dumps(rows[-1]), flush=True)
     if args.skip != "index":
         run = make_run(args.work)
@@ -155,9 +149,9 @@ def main() -> None:
             out = args.work / f"index-{n}"
             cmd = [sys.executable, "-m", "ssbctl", "index", str(run), "--data", str(store), "--out", str(out),
                    "--replace", "--device", "cpu", "--json"]
-            peak, secs = measure(cmd)
+            index_peak, secs = measure(cmd)
             emb = (out / "embeddings.safetensors").stat().st_size / MIB
-            rows.append({"what": f"index {n} videos", "n": n, "peak": peak, "workers_peak": None, "s": secs,
+            rows.append({"what": f"index {n} videos", "n": n, "peak": index_peak, "workers_peak": None, "s": secs,
                          "data": f"{du_mib(store):.0f} MiB features on disk; {emb:.0f} MiB index embeddings",
                          "chunk": index_chunk()})
             print(json.dumps(rows[-1]), flush=True)
