@@ -240,3 +240,35 @@ def test_decoder_crash_or_hang_costs_one_video(tmp_path: Path, shapes_raw: Path)
     assert results[0] == results[2] == results[4] == (True, None)
     assert results[1] == (False, "decoder crashed (exit code 139); retried with pyav: decoder crashed (exit code 139)")
     assert results[3] == (False, "decode timed out after 3 s; retried with pyav: decode timed out after 3 s")
+
+
+def test_merge_keeps_few_chunk_files_open(shapes_raw: Path, reference: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every chunk file read stayed memory-mapped until the merge ended, so its peak memory grew
+    with the dataset's features (issue 15); now a few are open at a time, with the same store."""
+    import ssbctl.data.prepare as prep
+
+    live: list[int] = [0, 0]  # open now, most at once
+
+    class CountedChunk:
+        """The real safetensors handle, counted while it is referenced."""
+
+        def __init__(self, path: str, framework: str) -> None:
+            self.handle = real_open(path, framework=framework)
+            live[0] += 1
+            live[1] = max(live)
+
+        def get_tensor(self, name: str):
+            return self.handle.get_tensor(name)
+
+        def __del__(self) -> None:
+            live[0] -= 1
+
+    real_open = prep.safe_open
+    monkeypatch.setattr(prep, "safe_open", CountedChunk)
+    items = read_custom(shapes_raw / "captions.jsonl")
+    out = tmp_path / "store"
+    prepare("custom", items, [build_backbone("pixels", size=8)], [out], PrepareOptions(SAMPLING, workers=0,
+                                                                                      chunk_size=1))
+    assert 1 <= live[1] <= 4  # 24 chunk files of one video each
+    assert _store_bytes(out) == _store_bytes(reference)

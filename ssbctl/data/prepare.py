@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -361,6 +362,27 @@ def _release_merge_lock(root: Path) -> None:
     (root / LOCK_FILE).unlink(missing_ok=True)
 
 
+class ChunkFiles:
+    """The work folder's feature chunks, opened as the merge reads them, at most ``limit`` at a time
+    (least recently used closed first). A safetensors file is memory-mapped and every page read
+    stays resident while it is open: keeping all of them open made the merge's memory grow with the
+    dataset's features. Dataset order reads each shard's chunks in turn, so a few suffice."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: OrderedDict[Path, Any] = OrderedDict()
+
+    def get(self, path: Path) -> Any:
+        """The open handle of ``path`` (closing the least recently used first when at the limit)."""
+        if path in self.open:
+            self.open.move_to_end(path)
+        else:
+            while len(self.open) >= self.limit:
+                self.open.popitem(last=False)  # dropping the handle unmaps the file
+            self.open[path] = safe_open(str(path), framework="pt")
+        return self.open[path]
+
+
 def merge(dataset: str, items: list[VideoItem], backbones: list[FeatureSource], outs: list[Path],
           opts: PrepareOptions) -> list[dict[str, Any]]:
     """Write the final store of each backbone from all shards, in dataset order; remove the work."""
@@ -376,16 +398,14 @@ def merge(dataset: str, items: list[VideoItem], backbones: list[FeatureSource], 
     manifests = []
     for b, (backbone, out) in enumerate(zip(backbones, outs)):
         writer = StoreWriter(out, dataset, backbone, opts.sampling, protocol=protocol)
-        handles: dict[Path, Any] = {}
+        handles = ChunkFiles(2 * opts.num_shards + 2)
         for item in items:
             row = rows[item.video_id]
             if row["status"] == "failed":
                 writer.fail(item.video_id, str(item.path), row["reason"], item.split)
                 continue
             chunk = row["folder"] / f"features-b{b}-c{row['chunk']:05d}.safetensors"
-            if chunk not in handles:
-                handles[chunk] = safe_open(str(chunk), framework="pt")
-            writer.add(item.video_id, item.split, str(item.path), handles[chunk].get_tensor(item.video_id),
+            writer.add(item.video_id, item.split, str(item.path), handles.get(chunk).get_tensor(item.video_id),
                        item.captions, source={k: row[k] for k in ("decoder", "fallback_reason") if k in row})
         manifest = writer.commit()
         manifests.append({**manifest, "out": str(out), "failed": writer.failures})

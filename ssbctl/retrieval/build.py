@@ -23,10 +23,16 @@ def _thumbnail(path: str) -> bytes | None:
         return None
 
 
+INDEX_CHUNK = 4096  # videos whose features are in memory at once while indexing a store
+
+
 def index_store(run: LoadedRun, store: Store, splits: list[str] | None = None,
-                thumbnails: bool = True) -> Index:
+                thumbnails: bool = True, chunk: int = INDEX_CHUNK) -> Index:
     """Embed every video of ``splits`` (all splits when None) of a prepared store; a thumbnail is
-    taken from each source video that is still on disk."""
+    taken from each source video that is still on disk.
+
+    Features are read and embedded ``chunk`` videos at a time, so memory grows with the chunk and
+    the ``(N, D)`` embeddings, not with the store's features (100k pixels videos are 2.4 GB)."""
     known = {v["split"] for v in store.videos}
     unknown = sorted(set(splits or ()) - known)
     if unknown:
@@ -34,9 +40,14 @@ def index_store(run: LoadedRun, store: Store, splits: list[str] | None = None,
     videos = [v for v in store.videos if splits is None or v["split"] in splits]
     if not videos:
         raise UserError(f"{store.root} has no videos to index")
-    features = store.load_experts(videos)
-    check_finite_features(store, videos, features, ", ".join(splits or sorted(known)))
-    embeddings = run.encode_features(features)
+    parts = []
+    for start in range(0, len(videos), chunk):
+        part = videos[start:start + chunk]
+        features = store.load_experts(part)
+        check_finite_features(store, part, features, ", ".join(splits or sorted(known)))
+        parts.append(run.encode_features(features))
+        del features  # before the next chunk is read
+    embeddings = torch.cat(parts)
     records, thumbs = [], {}
     for v in videos:
         record = {"video_id": v["video_id"], "path": v["path"], "split": v["split"],
