@@ -58,3 +58,22 @@ def test_a_checkpoint_whose_optimizer_held_the_temperature_resumes_under_max_mar
     assert [("temperature" in r) for r in rows] == [True, True, False, False]
     names = torch.load(latest_checkpoint(run) / "trainer.pt", weights_only=True)["param_names"]
     assert "log_logit_scale" not in sum(names, []) and "video.proj.weight" in sum(names, [])
+
+
+def test_adamw_runs_fused_and_a_resume_keeps_this_machines_kernel(tiny_recipe_args, tmp_path: Path) -> None:
+    """The fused AdamW kernel where torch has one (CPU from 2.4); a checkpoint written with the
+    per-tensor kernel (fused unset, as before this change) resumes with this machine's kernel."""
+    run = tmp_path / "run"
+    train(resolve_recipe("shapes", tiny_recipe_args("run", **{"train.max_steps": 2, "train.ckpt_every": 2,
+                                                               "data.eval_split": ""}), None, False)[0], run)
+    trainer_file = latest_checkpoint(run) / "trainer.pt"
+    state = torch.load(trainer_file, weights_only=True)
+    assert all(g["fused"] for g in state["optimizer"]["param_groups"])
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = None
+    torch.save(state, trainer_file)
+    recipe, run_dir = resolve_recipe(None, ["train.max_steps=3"], run, True)
+    trainer = Trainer(recipe, run_dir, resume=True)
+    assert all(g["fused"] for g in trainer.optimizer.param_groups)
+    trainer.fit()
+    assert trainer.state.step == 3

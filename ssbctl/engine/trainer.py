@@ -125,11 +125,18 @@ def optimizer_param_names(model: SSBModel, legacy: bool = False) -> list[list[st
 
 
 def build_optimizer(model: SSBModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; the pretrained text backbone (and T5 decoder) at ``text_lr``; no decay on biases, norms, scales."""
-    return torch.optim.AdamW(
-        [{"params": [p for _, p in ps], "lr": cfg.text_lr if pretrained else cfg.lr,
-          "weight_decay": 0.0 if no_decay else cfg.weight_decay}
-         for (pretrained, no_decay), ps in _param_groups(model).items()])
+    """AdamW; the pretrained text backbone (and T5 decoder) at ``text_lr``; no decay on biases, norms, scales.
+
+    The fused kernel where this torch has one for the parameters' device (CUDA; the CPU from
+    torch 2.4): one kernel per step instead of a dozen ops per tensor, 3x faster here for 20M
+    parameters (benchmarks/train_profile.py: the optimizer was half a CLIP-sized CPU step)."""
+    groups = [{"params": [p for _, p in ps], "lr": cfg.text_lr if pretrained else cfg.lr,
+               "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+              for (pretrained, no_decay), ps in _param_groups(model).items()]
+    try:
+        return torch.optim.AdamW(groups, fused=True)
+    except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or torch version
+        return torch.optim.AdamW(groups)
 
 
 def check_training_batch(recipe: Recipe, store: Store, world: int) -> None:
@@ -241,8 +248,11 @@ class Trainer:
             raise UserError(f"{checkpoint} was written by {len(rng)} processes; resume it with as many")
         try:
             saved_names = trainer.get("param_names") or optimizer_param_names(self.module, legacy=True)
+            kernels = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(remap_optimizer_state(
                 trainer["optimizer"], saved_names, optimizer_param_names(self.module), checkpoint))
+            for group, kernel in zip(self.optimizer.param_groups, kernels):  # this machine's kernel, not the saver's
+                group.update(kernel)
             self.scheduler.load_state_dict(trainer["scheduler"])
             self.scaler.load_state_dict(trainer["scaler"])
             set_rng_states(rng[self.dist.rank])
