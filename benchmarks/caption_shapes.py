@@ -93,12 +93,12 @@ def coco_scores(hyps: dict[str, str], refs: dict[str, list[str]]) -> dict[str, f
     return {"BLEU-4": 100.0 * bleu[3], "CIDEr-D": 100.0 * cider}
 
 
-def trained_run(data: Path, out: Path, mask: str, seed: int, epochs: int) -> Path:
+def trained_run(data: Path, out: Path, mask: str, seed: int, epochs: int, overrides: list[str]) -> Path:
     """The demo recipe's run with ``mask`` (reused when ``out`` already holds a checkpoint)."""
     if latest_checkpoint(out) is None:
         recipe = load_recipe("shapes", [f'data.prepared="{data}"', f'model.support.mask="{mask}"',
                                         f"train.seed={seed}", f"train.epochs={epochs}", 'data.eval_split=""',
-                                        f'train.output_dir="{out}"'])
+                                        f'train.output_dir="{out}"', *overrides])
         start = time.time()
         train(recipe, out)
         print(f"# trained {mask} in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--masks", nargs="+", default=["identity", "cross"], choices=["identity", "full", "cross"])
     parser.add_argument("--work", type=Path, required=True, help="Folder for data and runs (reused when there).")
     parser.add_argument("--samples", type=Path, default=None, help="Write every caption here (JSON).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Recipe overrides for both runs (named in their folder), e.g. model.video.stem=linear.")
     args = parser.parse_args()
     data = args.work / "data"
     if not (data / "videos.jsonl").is_file():
@@ -144,7 +146,9 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
     samples: dict[str, dict[str, str]] = {}
     for mask in args.masks:
-        run_dir = trained_run(data, args.work / f"run-{mask}-s{args.seed}-e{args.epochs}", mask, args.seed, args.epochs)
+        tag = "".join("-" + re.sub(r"[^A-Za-z0-9_.]", "_", o) for o in args.overrides)
+        run_dir = trained_run(data, args.work / f"run-{mask}-s{args.seed}-e{args.epochs}{tag}", mask, args.seed,
+                              args.epochs, args.overrides)
         hyps, seconds = caption_split(run_dir, store, "test", args.beam)
         hyps = {v: hyps[v] for v in refs}
         rows[mask] = {**attribute_shares(hyps, scenes), **coco_scores(hyps, refs), "s/video": seconds / len(hyps)}
@@ -154,7 +158,7 @@ def main() -> None:
                          **coco_scores(held_out, {v: refs[v][1:] for v in held_out}), "s/video": 0.0}
     print(f"shapes test split: {len(refs)} videos, {sum(map(len, refs.values()))} reference captions; "
           f"{args.num_videos} clips, {args.pixel_size} px features, {args.epochs} epochs, seed {args.seed}, "
-          f"beam {args.beam}")
+          f"beam {args.beam}" + (f", set {' '.join(args.overrides)}" if args.overrides else ""))
     keys = [*ATTRIBUTES, "colour+shape", "BLEU-4", "CIDEr-D", "s/video"]
     print("| run | " + " | ".join(k + (" %" if k in (*ATTRIBUTES, "colour+shape") else "") for k in keys) + " |")
     print("|---|" + "---:|" * len(keys))

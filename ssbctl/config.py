@@ -49,9 +49,15 @@ class VideoEncoderConfig:
     embedding when the frames are CLIP's projected image embeddings). An expert whose feature size
     differs from ``embed_dim`` enters the mean through a Linear (zero-initialised when another
     expert needs none, so step 0 stays that expert's mean); several experts' means are averaged.
+
+    ``stem``: how each frame's features reach the transformer's width. ``linear``: a Linear.
+    ``conv`` (for ``pixels`` features, ``3 x s x s`` values): that Linear plus a small CNN over the
+    frame read as an image, pooled over positions, so what an object is does not depend on where
+    it is (a Linear over pixels must learn each shape at each position).
     """
 
     kind: str = _choice("transformer", ("transformer", "mean_residual"))  # how frames become the video embedding
+    stem: str = _choice("linear", ("linear", "conv"))  # frame features to the width: a Linear; conv: + a small CNN
     hidden_dim: int = _min(256, 8)  # width of the temporal transformer
     layers: int = _min(2, 1)  # transformer layers
     heads: int = _min(4, 1)  # attention heads; must divide hidden_dim

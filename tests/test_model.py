@@ -136,3 +136,30 @@ def test_every_trainable_parameter_gets_a_gradient(shapes_store: Path, tiny_text
     objective(batch)["loss"].backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, unused
+
+
+def test_conv_stem_features_do_not_depend_on_where_the_object_is() -> None:
+    """The pooled CNN features of a frame are the same when its object moves by an even number of
+    pixels (the second convolution's stride) inside the frame; the Linear part still sees where."""
+    from ssbctl.model.video_encoder import PixelStem
+
+    torch.manual_seed(0)
+    stem = PixelStem(3 * 16 * 16, 24)
+    frames = torch.full((2, 3, 16, 16), -1.0)
+    cross = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float32)
+    frames[0, 0, 3:6, 3:6] = cross  # a red plus sign at the top left
+    frames[1, 0, 9:12, 7:10] = cross  # the same, 6 px lower and 4 px to the right
+    pooled = stem.shape_features(frames.flatten(1))
+    torch.testing.assert_close(pooled[0], pooled[1], rtol=0, atol=1e-6)
+    assert not torch.allclose(stem(frames.flatten(1))[0], stem(frames.flatten(1))[1])
+    square = torch.full((1, 3, 16, 16), -1.0)
+    square[0, 0, 3:6, 3:6] = 1.0
+    assert not torch.allclose(stem.shape_features(square.flatten(1))[0], pooled[0], atol=1e-3)
+
+
+def test_conv_stem_needs_pixel_features() -> None:
+    from ssbctl.core.errors import UserError
+    from ssbctl.model.video_encoder import PixelStem
+
+    with pytest.raises(UserError, match="model.video.stem"):
+        PixelStem(512, 24)
