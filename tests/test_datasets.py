@@ -53,7 +53,8 @@ def test_msrvtt(tmp_path: Path, tiny_clip: Path, capsys) -> None:
     test_caps = [c["caption"] for c in store.split_captions("test")]
     assert test_caps[0] == "a person is connecting something to system"  # the JSFUSION sentence, not data.json's
     assert store.manifest["backbone"]["name"] == "clip" and store.feature_dim == 24
-    assert store.manifest["sampling"] == {"mode": "fps", "num_frames": 12, "fps": 1.0, "max_seconds": None}
+    assert store.manifest["sampling"] == {"mode": "fps", "num_frames": 12, "fps": 1.0, "max_seconds": None,
+                                         "short_side": 32}  # decoded at the tiny CLIP processor's size
     feats = store.load_features(store.split_videos("train"))
     assert all(f.shape[1] == 24 and 1 <= f.shape[0] <= 12 and torch.isfinite(f).all() for f in feats)
     assert store.ks == (1, 5, 10)
