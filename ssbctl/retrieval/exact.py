@@ -311,17 +311,18 @@ def _rescore(block: torch.Tensor, rows: torch.Tensor, k: int, cand_q: torch.Tens
 
 
 SCREEN_MIN_ROWS = 200_000  # below, the screen's fixed costs lose to the fp32 scan (benchmarks/retrieval.py)
-SCREEN_MIN_ROWS_FEW = 50_000  # the same for a few queries (one bf16 product): about 2x at 100k x 8 queries
-FEW_QUERIES = 32  # "a few": what a served search batches
 
 
-def screening_pays(rows: int, queries: int = FEW_QUERIES + 1) -> bool:
+def screening_pays(rows: int) -> bool:
     """Whether the bf16 screen is worth it: a CPU with AMX tiles (bf16 products several times the
-    fp32 rate; elsewhere bf16 can be slower than fp32) and a gallery of ``SCREEN_MIN_ROWS`` or more
-    (``SCREEN_MIN_ROWS_FEW`` for up to ``FEW_QUERIES`` queries)."""
+    fp32 rate; elsewhere bf16 can be slower than fp32) and a gallery of ``SCREEN_MIN_ROWS`` or more.
+
+    Not for fewer rows, even for a few queries, where one process measures the screen twice as
+    fast as the fp32 product at 100,000 rows: inside ``ssbctl serve`` under 8 concurrent clients
+    it made each batch 3x slower (server p50 118-155 ms against 38-60 ms; benchmarks/serve.py),
+    presumably the cost of AMX state on a loaded machine's many thread switches."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    least = SCREEN_MIN_ROWS_FEW if queries <= FEW_QUERIES else SCREEN_MIN_ROWS
-    return rows >= least and callable(amx) and bool(amx())
+    return rows >= SCREEN_MIN_ROWS and callable(amx) and bool(amx())
 
 
 def exact_topk(queries: torch.Tensor, embeddings: torch.Tensor, k: int,
@@ -330,7 +331,7 @@ def exact_topk(queries: torch.Tensor, embeddings: torch.Tensor, k: int,
     scan. ``cache`` keeps the gallery's bf16 copy between calls (rebuilt when the tensor changes)."""
     from ssbctl.retrieval.scan import topk_search
 
-    if not screening_pays(embeddings.shape[0], queries.shape[0]):
+    if not screening_pays(embeddings.shape[0]):
         return topk_search(queries.float(), embeddings.float(), k)
     key = (embeddings.data_ptr(), tuple(embeddings.shape), embeddings.dtype, embeddings._version)
     if cache.get("key") != key:
