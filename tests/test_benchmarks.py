@@ -36,7 +36,7 @@ def test_device_check_smoke_runs_without_the_packages_the_device_lacks(tmp_path:
     temp.mkdir()
     proc = subprocess.run([sys.executable, "-c", WITHOUT, str(ROOT / "benchmarks" / "device_check.py"), "--smoke",
                            "--tokenizer", str(tokenizer), "--json", str(report_file)],
-                          capture_output=True, text=True, timeout=300,
+                          capture_output=True, text=True, timeout=900,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TMPDIR": str(temp)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(temp.iterdir()) == [], "device_check leaves its work folder behind"
