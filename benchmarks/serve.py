@@ -87,8 +87,11 @@ def start_server(index: Path, threads: int | None) -> tuple[subprocess.Popen, in
     raise SystemExit(f"ssbctl serve exited {proc.wait()}")
 
 
-def client(port: int, texts: list[str], k: int, until: float, out: list[tuple[float, float, int]]) -> None:
-    """Send queries back to back until ``until``: (seconds, server seconds, status) per request."""
+Result = tuple[float, float, int, int]  # seconds, server seconds, status (negative: a bad body), batch size
+
+
+def client(port: int, texts: list[str], k: int, until: float, out: list[Result]) -> None:
+    """Send queries back to back until ``until``: a :data:`Result` per request."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     i = 0
     while time.perf_counter() < until:
@@ -102,10 +105,11 @@ def client(port: int, texts: list[str], k: int, until: float, out: list[tuple[fl
             seconds = time.perf_counter() - start
             timing = response.getheader("Server-Timing") or "dur=nan"
             server = float(timing.split("dur=")[1].split(";")[0]) / 1000
+            batch = int(timing.split("batch of ")[1].split(")")[0]) if "batch of " in timing else 0
             ok = response.status == 200 and len(json.loads(body)) == k
-            out.append((seconds, server, response.status if ok else -response.status))
+            out.append((seconds, server, response.status if ok else -response.status, batch))
         except (OSError, http.client.HTTPException, ValueError):
-            out.append((time.perf_counter() - start, float("nan"), 0))
+            out.append((time.perf_counter() - start, float("nan"), 0, 0))
             conn.close()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.close()
@@ -119,7 +123,7 @@ def percentile(values: list[float], q: float) -> float:
 def measure(port: int, clients: int, seconds: float, k: int, seed: int) -> dict[str, float]:
     texts = queries(5000, seed)
     client(port, texts[:5], k, time.perf_counter() + 2, [])  # warm-up
-    results: list[list[tuple[float, float, int]]] = [[] for _ in range(clients)]
+    results: list[list[Result]] = [[] for _ in range(clients)]
     until = time.perf_counter() + seconds
     threads = [threading.Thread(target=client, args=(port, texts[c::clients], k, until, results[c]))
                for c in range(clients)]
@@ -135,7 +139,8 @@ def measure(port: int, clients: int, seconds: float, k: int, seed: int) -> dict[
     return {"requests": len(rows), "errors": sum(1 for r in rows if r[2] != 200), "per_s": len(rows) / elapsed,
             "p50": percentile(lat, 50), "p95": percentile(lat, 95), "p99": percentile(lat, 99),
             "max": max(lat, default=float("nan")), "server_p50": percentile(server, 50),
-            "server_p95": percentile(server, 95)}
+            "server_p95": percentile(server, 95),
+            "batch": sum(r[3] for r in rows if r[2] == 200) / max(1, len(lat))}
 
 
 def main() -> None:
@@ -153,8 +158,8 @@ def main() -> None:
         print(f"# {args.clients} clients x {args.seconds:.0f} s per size, k={args.k}, {os.cpu_count()} CPUs, "
               f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print("| index rows | requests | errors | requests/s | p50 ms | p95 ms | p99 ms | max ms "
-              "| server encode+search p50 ms | p95 ms |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| server encode+search p50 ms | p95 ms | mean batch |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for n in (int(s) for s in args.sizes.split(",")):
             build_index(run, n, work / f"index-{n}")
             proc, port = start_server(work / f"index-{n}", args.threads)
@@ -164,7 +169,9 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=60)
             print(f"| {n:,} | {r['requests']} | {r['errors']} | {r['per_s']:.1f} | {r['p50']:.1f} | {r['p95']:.1f} "
-                  f"| {r['p99']:.1f} | {r['max']:.1f} | {r['server_p50']:.1f} | {r['server_p95']:.1f} |", flush=True)
+                  f"| {r['p99']:.1f} | {r['max']:.1f} | {r['server_p50']:.1f} | {r['server_p95']:.1f} "
+                  f"| {r['batch']:.1f} |",
+                  flush=True)
         print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

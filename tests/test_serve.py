@@ -110,6 +110,51 @@ def test_concurrent_queries_are_batched_and_each_gets_its_own_answer(service: Se
         same_hits(answers[i], hits)
 
 
+def test_queries_arriving_a_moment_apart_share_one_batch(service: Service, monkeypatch) -> None:
+    """Queries sent one after another within the gather window are answered as one batch (the
+    clients of one batch send their next queries a few milliseconds apart); a lone query is
+    answered alone. The window is widened here so that a loaded machine cannot split the batch."""
+    import ssbctl.serve.service as module
+
+    monkeypatch.setattr(module, "GATHER_GAP", 0.5)
+    monkeypatch.setattr(module, "GATHER_MAX", 5.0)
+    texts = [f"a {c} box moves to the right" for c in ("red", "green", "blue")]
+    futures = []
+    for text in texts:
+        futures.append(service.batcher.submit(text, 2))
+        threading.Event().wait(0.05)  # each query after the previous one was taken off the queue
+    answers = [f.result(timeout=120) for f in futures]
+    assert [size for _, _, size in answers] == [3, 3, 3]
+    expected = service.searcher.described(service.index.search(service.searcher.encode_texts(texts), 2))
+    for (hits, _, _), want in zip(answers, expected):
+        same_hits(hits, want)
+    monkeypatch.setattr(module, "GATHER_GAP", 0.01)
+    assert service.batcher.submit(texts[0], 2).result(timeout=120)[2] == 1
+
+
+def test_every_use_of_the_model_runs_on_its_one_thread(client: TestClient, service: Service, monkeypatch) -> None:
+    """Search, more-like-this and explain all run on the thread that loaded the model (torch's
+    OpenMP pool is slower shared between threads; a tokenizer is not thread-safe)."""
+    seen: set[str] = set()
+    search, encode = service.index.search, service.searcher.encode_texts
+
+    def spy_search(*args: Any, **kwargs: Any) -> Any:
+        seen.add(threading.current_thread().name)
+        return search(*args, **kwargs)
+
+    def spy_encode(*args: Any, **kwargs: Any) -> Any:
+        seen.add(threading.current_thread().name)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(service.index, "search", spy_search)
+    monkeypatch.setattr(service.searcher, "encode_texts", spy_encode)
+    video_id = service.index.videos[2]["video_id"]
+    assert client.get("/api/search", params={"q": QUERY, "k": 3}).status_code == 200
+    assert client.get(f"/api/similar/{video_id}", params={"k": 3}).status_code == 200
+    assert client.get("/api/explain", params={"q": QUERY, "k": 3}).status_code == 200
+    assert seen == {service.batcher.thread.name} and service.batcher.thread is not threading.main_thread()
+
+
 def test_similar_puts_the_video_first_like_retrieve_video(served, client: TestClient, service: Service,
                                                           capsys) -> None:
     video = service.index.videos[3]

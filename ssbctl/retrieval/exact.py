@@ -318,9 +318,9 @@ def screening_pays(rows: int) -> bool:
     fp32 rate; elsewhere bf16 can be slower than fp32) and a gallery of ``SCREEN_MIN_ROWS`` or more.
 
     Not for fewer rows, even for a few queries, where one process measures the screen twice as
-    fast as the fp32 product at 100,000 rows: inside ``ssbctl serve`` under 8 concurrent clients
-    it made each batch 3x slower (server p50 118-155 ms against 38-60 ms; benchmarks/serve.py),
-    presumably the cost of AMX state on a loaded machine's many thread switches."""
+    fast as the fp32 product at 100,000 rows: inside ``ssbctl serve`` (8 concurrent clients,
+    batches of 8, ``benchmarks/serve.py``) the whole search was p95 72 and 116 ms with the screen
+    at 100,000 rows against 90 and 75 ms without it: no gain beyond the run-to-run spread."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return rows >= SCREEN_MIN_ROWS and callable(amx) and bool(amx())
 

@@ -112,8 +112,9 @@ def create_app(service: Service, token: str | None = None, hosts: tuple[str, ...
 
     async def search(request: Request) -> Response:
         text, k = _query(request), _k(request)
-        hits, seconds = await asyncio.wrap_future(service.batcher.submit(text, k))  # encoded and searched off the loop
-        timing = {"Server-Timing": f"search;dur={seconds * 1000:.2f};desc=\"encode + search (batch)\""}
+        # encoded and searched off the event loop, on the model's thread
+        hits, seconds, batch = await asyncio.wrap_future(service.batcher.submit(text, k))
+        timing = {"Server-Timing": f"search;dur={seconds * 1000:.2f};desc=\"encode + search (batch of {batch})\""}
         return _json(service.with_captions(hits) if request.query_params.get("captions") == "1" else hits,
                      headers=timing)
 
