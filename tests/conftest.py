@@ -119,6 +119,19 @@ def tiny_recipe_args(shapes_store: Path, tiny_text_model: Path, tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
+def tiny_run(shapes_store: Path, tiny_text_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A shapes run of the tiny model trained for 2 steps, shared by the session: read it, never
+    write into it (copy it first, as a resume test does)."""
+    from ssbctl.config import load_recipe
+    from ssbctl.training import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    extra = {"train.max_steps": 2, "data.eval_split": ""}
+    train(load_recipe("shapes", tiny_overrides(shapes_store, tiny_text_model, root / "run", **extra)), root / "run")
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 1-layer ViT (hidden 16) with its image processor, for AutoModel frame backbones."""
     from transformers import ViTConfig, ViTImageProcessor, ViTModel

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from ssbctl.data.store import FeatureStore
@@ -22,19 +21,6 @@ class CountingStore(FeatureStore):
     def load_experts(self, videos: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
         self.loads.append(len(videos))
         return super().load_experts(videos)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(shapes_store: Path, tiny_text_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ssbctl.config import load_recipe
-    from ssbctl.training import train
-
-    from conftest import tiny_overrides
-
-    root = tmp_path_factory.mktemp("chunks")
-    extra = {"train.max_steps": 1, "data.eval_split": ""}
-    train(load_recipe("shapes", tiny_overrides(shapes_store, tiny_text_model, root / "run", **extra)), root / "run")
-    return root / "run"
 
 
 def test_index_store_reads_features_chunk_by_chunk(tiny_run: Path, shapes_store: Path) -> None:

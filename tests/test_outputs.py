@@ -53,16 +53,6 @@ def my_clips(shapes_raw: Path, tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def tiny_run(shapes_store: Path, tiny_text_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder with a checkpoint (two steps of the tiny model)."""
-    root = tmp_path_factory.mktemp("outputs_run")
-    recipe = _write_recipe(root / "tiny.toml", tiny_overrides(shapes_store, tiny_text_model, root / "run",
-                                                              **{"train.max_steps": 2, "data.eval_split": ""}))
-    assert main(["train", "--recipe", str(recipe), "--out", str(root / "run")]) == 0
-    return root / "run"
-
-
 # ---------------------------------------------------------------- prepare --out
 
 def test_prepare_into_the_folder_of_its_own_annotations_changes_nothing(my_clips: Path, capsys) -> None:

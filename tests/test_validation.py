@@ -3,6 +3,7 @@ wrong, exit code 2, no traceback, nothing written."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,30 +80,18 @@ def test_accum_steps_beyond_a_process_share_of_the_batch_is_refused(capsys, tiny
     assert not (tmp_path / "run").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(shapes_store: Path, tiny_text_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run trained for 2 steps."""
-    from ssbctl.config import load_recipe
-    from ssbctl.training import train
-
-    from conftest import tiny_overrides
-
-    root = tmp_path_factory.mktemp("tiny_run")
-    extra = {"train.max_steps": 2, "data.eval_split": ""}
-    train(load_recipe("shapes", tiny_overrides(shapes_store, tiny_text_model, root / "run", **extra)), root / "run")
-    return root / "run"
-
-
-def test_resume_refuses_to_change_the_model(capsys, tiny_run: Path) -> None:
+def test_resume_refuses_to_change_the_model(capsys, tiny_run: Path, tmp_path: Path) -> None:
     """The architecture of a resumed run is its own; a --set model.* that would change it is an error, not ignored."""
-    before = latest_checkpoint(tiny_run)
-    _refused(capsys, ["train", "--resume", "--out", str(tiny_run), "--set", "model.video.dropout=0.3"],
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)  # the session's run stays as it is
+    before = latest_checkpoint(run)
+    _refused(capsys, ["train", "--resume", "--out", str(run), "--set", "model.video.dropout=0.3"],
              "recipe key 'model.video.dropout' cannot change when resuming")
-    _refused(capsys, ["train", "--resume", "--out", str(tiny_run), "--set", "model.support.mask=none"],
+    _refused(capsys, ["train", "--resume", "--out", str(run), "--set", "model.support.mask=none"],
              "recipe key 'model.support.mask' cannot change when resuming")
-    assert latest_checkpoint(tiny_run) == before
+    assert latest_checkpoint(run) == before
     # repeating the run's own value is no change: the resume goes ahead (and trains 1 more step)
-    assert main(["train", "--resume", "--out", str(tiny_run), "--set", "model.support.mask=cross",
+    assert main(["train", "--resume", "--out", str(run), "--set", "model.support.mask=cross",
                  "--set", "train.max_steps=3"]) == 0
     assert "trained 3 steps" in capsys.readouterr().out
 
