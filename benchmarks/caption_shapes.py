@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--samples", type=Path, default=None, help="Write every caption here (JSON).")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="Recipe overrides for both runs (named in their folder), e.g. model.video.stem=linear.")
+    parser.add_argument("--train-shares", action="store_true",
+                        help="Also caption the training videos and print their attribute shares (memorised or learnt).")
     args = parser.parse_args()
     data = args.work / "data"
     if not (data / "videos.jsonl").is_file():
@@ -145,6 +147,7 @@ def main() -> None:
         refs.setdefault(c["video_id"], []).append(c["caption"])
     rows: dict[str, dict[str, float]] = {}
     samples: dict[str, dict[str, str]] = {}
+    notes: list[str] = []
     for mask in args.masks:
         tag = "".join("-" + re.sub(r"[^A-Za-z0-9_.]", "_", o) for o in args.overrides)
         run_dir = trained_run(data, args.work / f"run-{mask}-s{args.seed}-e{args.epochs}{tag}", mask, args.seed,
@@ -153,6 +156,9 @@ def main() -> None:
         hyps = {v: hyps[v] for v in refs}
         rows[mask] = {**attribute_shares(hyps, scenes), **coco_scores(hyps, refs), "s/video": seconds / len(hyps)}
         samples[mask] = hyps
+        if args.train_shares:
+            seen = attribute_shares(caption_split(run_dir, store, "train", args.beam)[0], scenes)
+            notes.append(f"{mask} mask on its own training videos: " + ", ".join(f"{a} {seen[a]:.1f}%" for a in seen))
     held_out = {v: r[0] for v, r in refs.items() if len(r) > 1}
     rows["reference"] = {**attribute_shares(held_out, scenes),
                          **coco_scores(held_out, {v: refs[v][1:] for v in held_out}), "s/video": 0.0}
@@ -169,6 +175,8 @@ def main() -> None:
     print("reference: one ground-truth caption per video scored against the other references (BLEU/CIDEr"
           " with one fewer reference); its colour share is below 100 because the generator leaves the "
           "colour out of 10% of noun phrases")
+    for note in notes:
+        print(note)
     if args.samples:
         args.samples.write_text(json.dumps({"captions": samples, "references": refs}, indent=1))
 
