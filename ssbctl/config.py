@@ -53,11 +53,13 @@ class VideoEncoderConfig:
     ``stem``: how each frame's features reach the transformer's width. ``linear``: a Linear.
     ``conv`` (for ``pixels`` features, ``3 x s x s`` values): that Linear plus a small CNN over the
     frame read as an image, pooled over positions, so what an object is does not depend on where
-    it is (a Linear over pixels must learn each shape at each position).
+    it is (a Linear over pixels must learn each shape at each position). ``cnn``: that CNN alone,
+    with two coordinate channels beside the colours for where things are, and no Linear over the
+    pixel values (with which a small dataset's training videos are told apart by their pixels).
     """
 
     kind: str = _choice("transformer", ("transformer", "mean_residual"))  # how frames become the video embedding
-    stem: str = _choice("linear", ("linear", "conv"))  # frame features to the width: a Linear; conv: + a small CNN
+    stem: str = _choice("linear", ("linear", "conv", "cnn"))  # a Linear; conv: + a small CNN; cnn: the CNN alone
     hidden_dim: int = _min(256, 8)  # width of the temporal transformer
     layers: int = _min(2, 1)  # transformer layers
     heads: int = _min(4, 1)  # attention heads; must divide hidden_dim

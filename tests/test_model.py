@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ssbctl.config import SupportSetConfig, load_recipe
+from ssbctl.core.errors import UserError
 from ssbctl.data.loader import Collate, PairDataset
 from ssbctl.data.store import FeatureStore
 from ssbctl.model.ssb import build_model
@@ -40,8 +41,8 @@ def test_identity_full_and_empty_rows() -> None:
     assert torch.all(weights == 0) and torch.all(memory == 0) and torch.isfinite(memory).all()
 
 
-def _tiny_model(store: Path, text_model: Path, mask: str = "cross", trainable: int = -1):
-    recipe = load_recipe("shapes", [
+def _tiny_model(store: Path, text_model: Path, mask: str = "cross", trainable: int = -1, stem: str = "linear"):
+    recipe = load_recipe("shapes", [f'model.video.stem="{stem}"',
         f'model.text.pretrained="{text_model}"', f"model.text.trainable_layers={trainable}",
         "model.embed_dim=32", "model.video.hidden_dim=32", "model.video.heads=2", "model.video.layers=1",
         "model.decoder.hidden_dim=32", "model.decoder.heads=2", "model.decoder.layers=1",
@@ -155,6 +156,37 @@ def test_conv_stem_features_do_not_depend_on_where_the_object_is() -> None:
     square = torch.full((1, 3, 16, 16), -1.0)
     square[0, 0, 3:6, 3:6] = 1.0
     assert not torch.allclose(stem.shape_features(square.flatten(1))[0], pooled[0], atol=1e-3)
+
+
+def test_cnn_stem_sees_where_but_has_no_linear_over_the_pixels() -> None:
+    """Stem ``cnn``: the CNN alone, with coordinate channels. Its output tells a moved object from
+    the unmoved one (motion words need where), and a plus sign from a square at the same place,
+    with no weight per pixel value (the Linear over 3*s*s values a small dataset memorises)."""
+    from ssbctl.model.video_encoder import PixelStem
+
+    torch.manual_seed(0)
+    stem = PixelStem(3 * 16 * 16, 24, values=False)
+    assert stem.linear is None and all(3 * 16 * 16 not in p.shape for p in stem.parameters())
+    cross = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float32)
+    frames = torch.full((3, 3, 16, 16), -1.0)
+    frames[0, 0, 3:6, 3:6] = cross
+    frames[1, 0, 9:12, 7:10] = cross  # moved
+    frames[2, 0, 3:6, 3:6] = 1.0  # a square where the first plus sign is
+    out = stem(frames.flatten(1))  # (3, 24)
+    assert out.shape == (3, 24)
+    assert not torch.allclose(out[0], out[1], atol=1e-4) and not torch.allclose(out[0], out[2], atol=1e-4)
+    with pytest.raises(UserError, match='stem.*"cnn"'):
+        PixelStem(512, 24, values=False)
+
+
+@pytest.mark.parametrize("stem", ["conv", "cnn"])
+def test_pixel_stems_train_end_to_end(shapes_store: Path, tiny_text_model: Path, stem: str) -> None:
+    """Through the whole model: every stem parameter gets a gradient from the loss."""
+    model, *_, batch, objective = _tiny_model(shapes_store, tiny_text_model, stem=stem)
+    objective(batch)["loss"].backward()
+    grads = {n: p.grad for n, p in model.video.inputs.named_parameters()}
+    assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads.values()), grads.keys()
+    assert any(n.startswith("0.linear") for n in grads) == (stem == "conv")
 
 
 def test_conv_stem_needs_pixel_features() -> None:

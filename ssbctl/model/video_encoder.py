@@ -39,8 +39,8 @@ class VideoEncoder(nn.Module):
             raise UserError("model.video.input_dims is empty: it must be set from the prepared data")
         self.cfg = cfg
         width = cfg.hidden_dim
-        self.inputs = nn.ModuleList(PixelStem(d, width) if cfg.stem == "conv" else nn.Linear(d, width)
-                                    for d in cfg.input_dims)
+        self.inputs = nn.ModuleList(nn.Linear(d, width) if cfg.stem == "linear"
+                                    else PixelStem(d, width, values=cfg.stem == "conv") for d in cfg.input_dims)
         self.position = nn.Parameter(torch.randn(cfg.max_frames, width) * 0.02)
         self.expert_type = nn.Parameter(torch.randn(len(cfg.input_dims), width) * 0.02)
         layer = nn.TransformerEncoderLayer(width, cfg.heads, 4 * width, cfg.dropout, activation="gelu",
@@ -72,31 +72,44 @@ class VideoEncoder(nn.Module):
 
 
 class PixelStem(nn.Module):
-    """Frame features of ``pixels`` (``3 x s x s`` values in [-1, 1]) to ``width``: a Linear over
-    the values (where things are) plus two 3x3 convolutions whose outputs are max- and mean-pooled
-    over positions (what things are, wherever they are), projected to ``width`` and added."""
+    """Frame features of ``pixels`` (``3 x s x s`` values in [-1, 1]) to ``width``: two 3x3
+    convolutions whose outputs are max- and mean-pooled over positions (what things are, wherever
+    they are), projected to ``width``; and where things are, either from a Linear over the values
+    (``values=True``, stem ``conv``) or from two coordinate channels beside the colours
+    (``values=False``, stem ``cnn``). The Linear sees every pixel, which lets a model tell its
+    training videos apart by their pixels alone; the coordinates give the convolutions only
+    where an activation is."""
 
-    def __init__(self, dim: int, width: int, channels: int = 32) -> None:
+    coords: torch.Tensor | None  # (2, s, s) row and column in [-1, 1], for ``values=False``
+
+    def __init__(self, dim: int, width: int, channels: int = 32, values: bool = True) -> None:
         super().__init__()
         side = round((dim / 3) ** 0.5)
         if 3 * side * side != dim:
-            raise UserError(f"recipe key 'model.video.stem' = \"conv\" reads frames as 3 x s x s pixels; "
-                            f"an expert has {dim} values per frame (use stem = \"linear\")")
+            raise UserError(f"recipe key 'model.video.stem' = \"{'conv' if values else 'cnn'}\" reads frames as "
+                            f"3 x s x s pixels; an expert has {dim} values per frame (use stem = \"linear\")")
         self.side = side
-        self.linear = nn.Linear(dim, width)
-        self.convs = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.GELU(),
+        self.linear: nn.Linear | None = nn.Linear(dim, width) if values else None
+        grid = torch.linspace(-1.0, 1.0, side)
+        self.register_buffer("coords", None if values else torch.stack(torch.meshgrid(grid, grid, indexing="ij")),
+                             persistent=False)
+        self.convs = nn.Sequential(nn.Conv2d(3 if values else 5, channels, 3, padding=1), nn.GELU(),
                                    nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1), nn.GELU())
         self.pooled = nn.Linear(4 * channels, width)
 
     def shape_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., 3*s*s)`` to the position-pooled CNN features ``(..., 4 * channels)``."""
         lead = x.shape[:-1]
-        maps = self.convs(x.reshape(-1, 3, self.side, self.side))  # (N, 2C, s/2, s/2)
+        images = x.reshape(-1, 3, self.side, self.side)  # (N, 3, s, s)
+        if self.coords is not None:
+            images = torch.cat([images, self.coords.to(images.dtype).expand(len(images), -1, -1, -1)], dim=1)
+        maps = self.convs(images)  # (N, 2C, s/2, s/2)
         pooled = torch.cat([maps.amax(dim=(2, 3)), maps.mean(dim=(2, 3))], dim=1)  # (N, 4C)
         return pooled.reshape(*lead, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.pooled(self.shape_features(x))  # (..., width)
+        shapes = self.pooled(self.shape_features(x))  # (..., width)
+        return shapes if self.linear is None else self.linear(x) + shapes
 
 
 def _frame_bases(input_dims: tuple[int, ...], embed_dim: int) -> nn.ModuleList:
