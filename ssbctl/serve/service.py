@@ -35,10 +35,8 @@ from ssbctl.serve.files import OpenVideo, RequestError, open_video, video_root
 MAX_QUERY_CHARS = 500  # longer text queries are refused (422)
 MAX_K = 100  # most results one request may ask for
 MAX_BATCH = 64  # most queries encoded together
-GATHER_GAP = 0.005  # a batch waits this long for one more query to arrive ...
-GATHER_MAX = 0.015  # ... and no longer than this after its first query (the most a lone query waits)
-GATHER_GAP = 0.005  # a batch waits this long for one more query to arrive ...
-GATHER_MAX = 0.015  # ... and no longer than this after its first query (the most a lone query waits)
+GATHER_GAP = 0.005  # a batch waits this long for one more query (all a lone query waits) ...
+GATHER_MAX = 0.015  # ... and no longer than this after its first query, however many keep coming
 THUMB_CACHE = 2048  # thumbnails decoded from videos kept in memory (PNG bytes, ~5-20 KB each)
 CAPTIONS_SHOWN = 5  # captions per video the page gets
 
@@ -125,7 +123,7 @@ class Batcher:
         Clients answered by one batch send their next queries a few milliseconds apart; taking
         only those already queued would answer the first alone and make the rest wait for it and
         then for their own batch (two batches per request). So the batch waits up to
-        ``GATHER_GAP`` for each next query, ``GATHER_MAX`` in all: at most that for a lone query.
+        ``GATHER_GAP`` for each next query (all a lone query waits), ``GATHER_MAX`` in all.
         """
         batch = [first]
         closes = time.perf_counter() + GATHER_MAX
