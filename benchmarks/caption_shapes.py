@@ -15,8 +15,8 @@ test split with ``run.caption`` (each video drawing on the index under its run's
 
     python benchmarks/caption_shapes.py --work /tmp/caption-bench            # trains both runs
     python benchmarks/caption_shapes.py --work /tmp/caption-bench --beam 3   # reuses them
-    python benchmarks/caption_shapes.py --work /tmp/c4000 --num-videos 4000 --masks identity \
-        --set model.video.stem=cnn --train-shares   # more clips, the cnn stem, shares on training videos too
+    python benchmarks/caption_shapes.py --work /tmp/c4000 --num-videos 4000 --set model.video.stem=cnn
+    python benchmarks/caption_shapes.py --work /tmp/caption-bench --masks identity --train-shares
 """
 
 from __future__ import annotations
