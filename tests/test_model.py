@@ -123,7 +123,6 @@ def test_builtin_minilm_loads_offline() -> None:
 
 
 def test_unreachable_text_model_is_a_user_error() -> None:
-    from ssbctl.core.errors import UserError
     from ssbctl.model.text_encoder import load_text_backbone
 
     with pytest.raises(UserError, match="cannot load text model"):
@@ -190,7 +189,6 @@ def test_pixel_stems_train_end_to_end(shapes_store: Path, tiny_text_model: Path,
 
 
 def test_conv_stem_needs_pixel_features() -> None:
-    from ssbctl.core.errors import UserError
     from ssbctl.model.video_encoder import PixelStem
 
     with pytest.raises(UserError, match="model.video.stem"):

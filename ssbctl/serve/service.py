@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -52,6 +52,7 @@ def finite(obj: Any) -> Any:
     return obj
 
 
+T = TypeVar("T")
 Answer = tuple[list[dict[str, Any]], float, int]  # hits, the seconds their batch took, the batch's size
 
 
@@ -78,7 +79,7 @@ class Batcher:
         self.thread = threading.Thread(target=self._work, name="ssbctl-search", daemon=True)
         self.thread.start()
         try:
-            self.searcher: Searcher = self.call(load).result()
+            self.searcher = self.call(load).result()
         except BaseException:
             self.close()
             raise
@@ -90,9 +91,9 @@ class Batcher:
         self.jobs.put(_Job(text, k, future))
         return future
 
-    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+    def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn()`` on the worker thread; the future gets its result or its error."""
-        future: Future[Any] = Future()
+        future: Future[T] = Future()
         self.jobs.put(_Call(fn, future))
         return future
 
@@ -223,8 +224,7 @@ class Service:
             with torch.inference_mode():
                 query = self.index.embeddings[row: row + 1].float()
                 return finite(self.searcher.described(self.index.search(query, k))[0])
-        result: list[dict[str, Any]] = self.batcher.call(work).result()
-        return result
+        return self.batcher.call(work).result()
 
     def explain(self, text: str | None, video_id: str | None, k: int) -> dict[str, Any]:
         """The support-set attention among the top-``k`` results of a text or of an indexed video,
@@ -237,8 +237,7 @@ class Service:
                 query = (self.searcher.encode_texts([text or ""]) if row is None
                          else self.index.embeddings[row: row + 1].float())
                 return finite(support_attention(self.searcher.run, self.index, query, max(k, 2)))
-        result: dict[str, Any] = self.batcher.call(work).result()
-        return result
+        return self.batcher.call(work).result()
 
     def video(self, video_id: str) -> OpenVideo:
         """The indexed video file, opened (403 outside the indexed folder, 404 when gone)."""
