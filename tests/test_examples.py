@@ -39,7 +39,7 @@ SKIP: list[tuple[str, str]] = [
     (r"^bash scripts/", "a script of the git checkout: creates .venv and installs packages (network)"),
     (r"\bpip install\b|python3? -m venv", "installs packages (network)"),
     (r"\b(msrvtt|msvd|vatex|activitynet|didemo)\b", "needs a real dataset (its videos, or a download)"),
-    (r"^ssbctl prepare shapes\b", "generates 600 clips (minutes); the test's tiny demo wrote the same store"),
+    (r"^ssbctl prepare shapes\b", "generates 1,000 clips (minutes); the test's tiny demo wrote the same store"),
     (r"^ssbctl demo\b", "the full demo takes minutes; the test ran `ssbctl demo --num-videos 30` instead"),
     (r"--faiss|--backend faiss", "an approximate faiss index needs more videos than the test's tiny demo has"),
     (r"^ssbctl serve\b", "starts a server that runs until stopped (tests/test_serve*.py start it and use it)"),

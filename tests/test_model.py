@@ -193,3 +193,17 @@ def test_conv_stem_needs_pixel_features() -> None:
 
     with pytest.raises(UserError, match="model.video.stem"):
         PixelStem(512, 24)
+
+
+def test_pixel_stem_reads_only_the_main_expert() -> None:
+    """With ``cnn`` (the demo model's stem), the main expert's frames are pixels and go through the
+    CNN; a further expert (a ViT's 16 values, or 768 that would pass as 16x16 pixels) gets a Linear."""
+    from ssbctl.config import VideoEncoderConfig
+    from ssbctl.model.video_encoder import PixelStem, VideoEncoder
+
+    cfg = VideoEncoderConfig(stem="cnn", hidden_dim=8, heads=2, layers=1, input_dims=(3 * 8 * 8, 16, 768))
+    encoder = VideoEncoder(cfg, 8)
+    assert isinstance(encoder.inputs[0], PixelStem)
+    assert all(isinstance(m, torch.nn.Linear) for m in encoder.inputs[1:])
+    feats = [torch.randn(2, 3, d) for d in cfg.input_dims]
+    assert encoder(feats, [torch.ones(2, 3, dtype=torch.bool)] * 3).shape == (2, 8)

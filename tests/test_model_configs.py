@@ -52,9 +52,10 @@ def test_model_config_builds_at_tiny_size_and_every_trainable_parameter_learns(
         decoder=dataclasses.replace(cfg.decoder, hidden_dim=16, layers=1, heads=2))
     torch.manual_seed(0)
     loss = LossConfig(contrastive=contrastive)
-    model, tokenizer, resolved = build_model(tiny, loss, (24, 12), CAPTIONS)
-    assert resolved.video.input_dims == (24, 12)
-    items = [([torch.randn(5, 24), torch.randn(3, 12)], c, i // 2) for i, c in enumerate(CAPTIONS)]
+    main = 3 * 4 * 4  # 4x4 pixels: what a pixel stem (`conv`, `cnn`) reads, a plain vector to a Linear
+    model, tokenizer, resolved = build_model(tiny, loss, (main, 12), CAPTIONS)
+    assert resolved.video.input_dims == (main, 12)
+    items = [([torch.randn(5, main), torch.randn(3, 12)], c, i // 2) for i, c in enumerate(CAPTIONS)]
     batch = Collate(tokenizer, 12)(items)
     terms = SSBObjective(model, loss)(batch)
     assert torch.isfinite(terms["loss"]) and ("caption_loss" in terms) == (support.mask != "none")

@@ -33,7 +33,7 @@ RECIPES = sorted(shipped_configs("recipes"))
 TESTS = Path(__file__).resolve().parent
 
 # Frame-feature size of each backbone a shipped recipe's prepared data names (NAME-<backbone>).
-EXPERT_DIMS = {"clip-vit-base-patch32": 512, "pixels": 768,
+EXPERT_DIMS = {"clip-vit-base-patch32": 512, "pixels": 3072,
                "appearance": 2048, "motion": 512}  # msrvtt-paper's imported ResNet-152 and R(2+1)D-34 features
 
 TINY: dict[str, object] = {

@@ -21,7 +21,7 @@ EPILOG = """Examples:
 def demo(
     output: Annotated[Path | None, typer.Option("--out", help="Demo folder (default: $SSBCTL_HOME/demo).")] = None,
     num_videos: Annotated[int, typer.Option(
-        help="Synthetic clips to generate.", callback=at_least(1, "--num-videos"))] = 600,
+        help="Synthetic clips to generate.", callback=at_least(1, "--num-videos"))] = 1000,
     seed: Annotated[int, typer.Option(help="Seed of the data and of training.")] = 0,
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a key of the shapes recipe.")] = None,
     as_json: JsonOption = False,

@@ -159,7 +159,7 @@ def prepare(
     sampling: Annotated[str | None, typer.Option(
         help="fps (default for real datasets) or uniform (segment centres).")] = None,
     fps: Annotated[float, typer.Option(help="fps sampling: frames per second.", callback=_positive_fps)] = 1.0,
-    pixel_size: Annotated[int, typer.Option(help="pixels backbone: frames are resized to this square size.")] = 16,
+    pixel_size: Annotated[int, typer.Option(help="pixels backbone: frames are resized to this square size.")] = 32,
     full_frames: Annotated[bool, typer.Option(
         "--full-frames", help="Decode full frames and resize them afterwards (default: decode at the size "
                               "the backbone needs; the store records which).")] = False,
@@ -172,7 +172,7 @@ def prepare(
     device: Annotated[str, typer.Option(help="Where learned backbones run: auto, cpu, cuda or cuda:N.",
                                         callback=check_device)] = "auto",
     num_videos: Annotated[int, typer.Option(
-        help="shapes: clips to generate.", callback=at_least(1, "--num-videos"))] = 600,
+        help="shapes: clips to generate.", callback=at_least(1, "--num-videos"))] = 1000,
     seed: Annotated[int, typer.Option(help="shapes: generation seed.")] = 0,
     as_json: JsonOption = False,
 ) -> None:

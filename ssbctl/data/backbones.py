@@ -24,7 +24,7 @@ class PixelsBackbone(Backbone):
 
     name = "pixels"
 
-    def __init__(self, size: int = 16) -> None:
+    def __init__(self, size: int = 32) -> None:
         if size < 1:
             raise UserError(f"pixels backbone: size must be >= 1, got {size}")
         self.size = size
@@ -55,7 +55,7 @@ def build_backbone(name: str, **options: Any) -> Backbone:
     return BACKBONES[name](**options)
 
 
-def parse_backbone(spec: str, pixel_size: int = 16, device: str = "auto") -> Backbone:
+def parse_backbone(spec: str, pixel_size: int = 32, device: str = "auto") -> Backbone:
     """``pixels``, ``clip``, ``clip:MODEL`` or ``hf:MODEL`` (MODEL a hub id or a local folder)."""
     name, _, model = spec.partition(":")
     if name == "pixels":

@@ -2,7 +2,7 @@
 
 A run records, per expert, the backbone, the dataset it was trained on and the typical frame size
 of that dataset's videos (``RUN/experts.json``). ``ssbctl index`` compares new videos with it: a
-model trained on 16x16-pixel features of small synthetic clips returns noise on real footage, and
+model trained on 32x32-pixel features of small synthetic clips returns noise on real footage, and
 says nothing of it unless warned.
 """
 

@@ -39,8 +39,10 @@ class VideoEncoder(nn.Module):
             raise UserError("model.video.input_dims is empty: it must be set from the prepared data")
         self.cfg = cfg
         width = cfg.hidden_dim
-        self.inputs = nn.ModuleList(nn.Linear(d, width) if cfg.stem == "linear"
-                                    else PixelStem(d, width, values=cfg.stem == "conv") for d in cfg.input_dims)
+        # a pixel stem reads the main (first) expert's frames as images; other experts are not pixels
+        self.inputs = nn.ModuleList(nn.Linear(d, width) if cfg.stem == "linear" or e > 0
+                                    else PixelStem(d, width, values=cfg.stem == "conv")
+                                    for e, d in enumerate(cfg.input_dims))
         self.position = nn.Parameter(torch.randn(cfg.max_frames, width) * 0.02)
         self.expert_type = nn.Parameter(torch.randn(len(cfg.input_dims), width) * 0.02)
         layer = nn.TransformerEncoderLayer(width, cfg.heads, 4 * width, cfg.dropout, activation="gelu",
@@ -86,8 +88,9 @@ class PixelStem(nn.Module):
         super().__init__()
         side = round((dim / 3) ** 0.5)
         if 3 * side * side != dim:
-            raise UserError(f"recipe key 'model.video.stem' = \"{'conv' if values else 'cnn'}\" reads frames as "
-                            f"3 x s x s pixels; an expert has {dim} values per frame (use stem = \"linear\")")
+            raise UserError(f"recipe key 'model.video.stem' = \"{'conv' if values else 'cnn'}\" reads the main "
+                            f"expert's frames as 3 x s x s pixels; it has {dim} values per frame "
+                            "(use stem = \"linear\")")
         self.side = side
         self.linear: nn.Linear | None = nn.Linear(dim, width) if values else None
         grid = torch.linspace(-1.0, 1.0, side)
@@ -103,8 +106,10 @@ class PixelStem(nn.Module):
         images = x.reshape(-1, 3, self.side, self.side)  # (N, 3, s, s)
         if self.coords is not None:
             images = torch.cat([images, self.coords.to(images.dtype).expand(len(images), -1, -1, -1)], dim=1)
-        maps = self.convs(images)  # (N, 2C, s/2, s/2)
-        pooled = torch.cat([maps.amax(dim=(2, 3)), maps.mean(dim=(2, 3))], dim=1)  # (N, 4C)
+        # channels-last (oneDNN's and cuDNN's convolutions run faster on it), pooled as the (N, s/2, s/2, 2C)
+        # view that is contiguous then, so that the backward pass stays channels-last; same values
+        maps = self.convs(images.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        pooled = torch.cat([maps.amax(dim=(1, 2)), maps.mean(dim=(1, 2))], dim=1)  # (N, 4C)
         return pooled.reshape(*lead, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ BACKGROUNDS = {"dark": (30, 30, 38), "grey": (105, 105, 110), "brown": (95, 70, 
 class ShapesSpec:
     """How many clips, of what size, and how they are split. Same spec and seed, same data."""
 
-    num_videos: int = 600
+    num_videos: int = 1000
     seed: int = 0
     frame_size: int = 64
     fps: int = 8
