@@ -1,6 +1,6 @@
 """Captions from the support set on the synthetic shapes dataset (issue 14).
 
-Trains (or reuses) the demo recipe's run (``shapes``: 1,000 clips, 12 epochs) with the
+Trains (or reuses) the demo recipe's run (``shapes``: 1,000 clips, 18 epochs) with the
 ``identity`` and ``cross`` masks, indexes every video of the dataset with each run, captions the
 test split with ``run.caption`` (each video drawing on the index under its run's mask: under
 ``cross`` every indexed video but itself), and prints per mask:
@@ -125,7 +125,7 @@ def caption_split(run_dir: Path, store: FeatureStore, split: str, beam: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-videos", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=12, help="Training epochs (the shapes recipe's 12).")
+    parser.add_argument("--epochs", type=int, default=None, help="Training epochs (default: the shapes recipe's).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pixel-size", type=int, default=32,
                         help="Side of the pixels backbone's frame features (the demo's: 32).")
@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--train-shares", action="store_true",
                         help="Also caption the training videos and print their attribute shares (memorised or learnt).")
     args = parser.parse_args()
+    args.epochs = args.epochs or load_recipe("shapes").train.epochs
     data = args.work / "data"
     if not (data / "videos.jsonl").is_file():
         items = dataset_items("shapes", args.work / "raw", None, ShapesSpec(num_videos=args.num_videos,

@@ -272,3 +272,27 @@ def test_merge_keeps_few_chunk_files_open(shapes_raw: Path, reference: Path, tmp
                                                                                       chunk_size=1))
     assert 1 <= live[1] <= 4  # 24 chunk files of one video each
     assert _store_bytes(out) == _store_bytes(reference)
+
+
+def test_backbone_runs_on_the_cpus_the_decoders_leave(shapes_raw: Path, tmp_path: Path) -> None:
+    """With decoding workers, torch in the main process gets the other CPUs (at least one): both on
+    every core made the backbone 3-8x slower. Its thread count is restored afterwards."""
+    import torch
+
+    from ssbctl.data.backbones import PixelsBackbone
+
+    seen: list[int] = []
+
+    class Recording(PixelsBackbone):
+        def encode(self, frames: np.ndarray) -> torch.Tensor:
+            seen.append(torch.get_num_threads())
+            return super().encode(frames)
+
+    items = read_custom(shapes_raw / "captions.jsonl")[:3]
+    before = torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0))
+    prepare("custom", items, [Recording(4)], [tmp_path / "two"], PrepareOptions(SAMPLING, workers=2))
+    assert seen == [max(1, min(before, cpus - 2))] * 3 and torch.get_num_threads() == before
+    seen.clear()
+    prepare("custom", items, [Recording(4)], [tmp_path / "none"], PrepareOptions(SAMPLING, workers=0))
+    assert seen == [before] * 3 and torch.get_num_threads() == before
