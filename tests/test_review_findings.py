@@ -126,6 +126,32 @@ def test_sheet_does_not_overwrite_a_file_that_is_not_a_png(tiny: Tiny, tmp_path:
 # ---------------------------------------------------------------- locks
 
 
+def test_sigterm_inside_a_finalizer_still_stops_the_command(capfd: pytest.CaptureFixture[str]) -> None:
+    """Finding (a loaded CI run): SIGTERM arrived while decord's ``VideoReader.__del__`` ran; Python
+    printed the handler's exception as "Exception ignored" and dropped it, and `prepare` went on to
+    the end. Raised in a finalizer, the stop is delivered again right after it instead."""
+    import threading
+
+    from ssbctl.cli.app import Terminated, _sigterm_unwinds
+
+    class Finalized:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here, inside the finalizer
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    reached = False
+    with pytest.raises(Terminated), _sigterm_unwinds(["prepare"]):
+        obj = Finalized()
+        del obj
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+        reached = True
+    assert not reached and "Exception ignored" not in capfd.readouterr().err
+
+
 def test_sigterm_to_prepare_releases_its_lock(tmp_path: Path) -> None:
     """Finding: SIGTERM (`kill PID`, a scheduler's stop) to `prepare` kills it by the default action
     (exit -15, no message): `.NAME.lock` stays beside the output, in the user's folder. Only train

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -66,9 +67,23 @@ class Terminated(KeyboardInterrupt):
 _TERMINATED = threading.Event()  # set by the handler: click may turn Terminated into a plain exit code
 
 
-def _terminate(_signum: int, _frame: object) -> None:
+def _terminate(signum: int, frame: FrameType | None) -> None:
     _TERMINATED.set()
+    if _in_finalizer(frame):
+        # Python prints and drops an exception raised in a finalizer (decord's VideoReader.__del__ runs
+        # often): deliver the signal again in a moment, from wherever the program is then.
+        threading.Timer(0.05, signal.raise_signal, (signum,)).start()
+        return
     raise Terminated()
+
+
+def _in_finalizer(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside a ``__del__`` method."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextmanager
