@@ -55,11 +55,12 @@ def build_backbone(name: str, **options: Any) -> Backbone:
     return BACKBONES[name](**options)
 
 
-def parse_backbone(spec: str, pixel_size: int = 32, device: str = "auto") -> Backbone:
-    """``pixels``, ``clip``, ``clip:MODEL`` or ``hf:MODEL`` (MODEL a hub id or a local folder)."""
+def parse_backbone(spec: str, pixel_size: int | None = None, device: str = "auto") -> Backbone:
+    """``pixels``, ``clip``, ``clip:MODEL`` or ``hf:MODEL`` (MODEL a hub id or a local folder);
+    ``pixel_size`` None: the ``pixels`` backbone's default side."""
     name, _, model = spec.partition(":")
     if name == "pixels":
-        return build_backbone("pixels", size=pixel_size)
+        return build_backbone("pixels") if pixel_size is None else build_backbone("pixels", size=pixel_size)
     if name == "hf" and not model:
         raise UserError("--backbone hf needs a model: hf:facebook/dinov2-small or hf:/path/to/model")
     return build_backbone(name, **({"model": model} if model else {}), device=device)

@@ -175,7 +175,8 @@ def prepare(dataset: str, items: list[VideoItem], backbones: list[FeatureSource]
                            "videos": len(items), "features": opts.features})
     work = ShardWork(root / f"shard-{opts.shard}-of-{opts.num_shards}", len(backbones), opts.chunk_size)
     mine = [it for i, it in enumerate(items) if i % opts.num_shards == opts.shard]
-    _run_shard(mine, backbones, work, opts, progress)
+    with threads_beside(opts.workers):
+        _run_shard(mine, backbones, work, opts, progress)
     summary: dict[str, Any] = {"shard": f"{opts.shard}/{opts.num_shards}", "videos": len(mine),
                                "failures": work.failures, "merged": False}
     if _all_done(root, opts.num_shards):
@@ -223,12 +224,6 @@ def threads_beside(workers: int) -> Iterator[None]:
 
 def _run_shard(items: list[VideoItem], backbones: list[FeatureSource], work: ShardWork, opts: PrepareOptions,
                progress: Progress | None) -> None:
-    with threads_beside(opts.workers):
-        _encode_shard(items, backbones, work, opts, progress)
-
-
-def _encode_shard(items: list[VideoItem], backbones: list[FeatureSource], work: ShardWork, opts: PrepareOptions,
-                  progress: Progress | None) -> None:
     todo = [it for it in items if it.video_id not in work.done]
     done = len(items) - len(todo)
     _check_failures(work, opts)  # failures of earlier, interrupted runs count too
