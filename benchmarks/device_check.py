@@ -26,6 +26,7 @@ import torch
 
 from ssbctl.config import load_recipe
 from ssbctl.core.io import read_jsonl
+from ssbctl.core.memory import reuse_freed_memory
 from ssbctl.data.backbones import Backbone
 from ssbctl.data.datasets.shapes import ShapesSpec, captions, sample_scene
 from ssbctl.data.loader import Collate
@@ -171,17 +172,18 @@ def time_steps(trainer: Trainer, warmup: int, steps: int) -> dict[str, float]:
             break
     trainer.model.train()
     times, losses = [], []
-    for i in range(warmup + steps):
-        batch = batches[i % len(batches)]
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        terms, _ = trainer.train_step(batch)
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(float(terms["loss"]) if terms else float("nan"))
+    with reuse_freed_memory(trainer.device.type == "cpu"):  # as Trainer.fit runs on the CPU
+        for i in range(warmup + steps):
+            batch = batches[i % len(batches)]
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            terms, _ = trainer.train_step(batch)
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+            losses.append(float(terms["loss"]) if terms else float("nan"))
     step_s = statistics.median(times)
     flops = step_flops(trainer, batches[0])
     return {"step_ms": 1000 * step_s, "clips_per_s": trainer.cfg.batch_size / step_s,

@@ -24,7 +24,10 @@ library is not edited, the ranges come from this script:
   hooks and the profiler's own cost; the Python time inside the module ranges is given apart.
 
 Times are per step (the mean of --steps profiled steps after --warmup unprofiled ones). GFLOP/s
-use torch's FlopCounterMode count and the median step time measured without the profiler.
+use torch's FlopCounterMode count and the median step time measured without the profiler, inside
+``reuse_freed_memory`` as ``Trainer.fit`` runs on the CPU (the best of two rounds; two rounds with glibc's
+default malloc, interleaved with them, are printed beside it, with the page faults a step takes). The
+profiled steps use the default malloc: under the profiler a reused heap fragments and takes fresh pages.
 
     python benchmarks/train_profile.py --steps 5 [--peak-gflops 95]
 """
@@ -32,6 +35,7 @@ use torch's FlopCounterMode count and the median step time measured without the 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import tempfile
 import time
@@ -46,6 +50,7 @@ from torch.profiler import ProfilerActivity, profile
 import device_check as dc
 import ssbctl.objective.losses as losses
 from matmul_peak import describe, matmul_peak
+from ssbctl.core.memory import reuse_freed_memory
 from ssbctl.data.loader import Collate
 
 PREFIX = "bucket:"
@@ -132,18 +137,35 @@ def load(trainer: Any, indices: list[int], collate: Collate) -> Any:
         return collate([trainer.dataset[i] for i in indices])
 
 
+def step_times(trainer: Any, collate: Collate, order: list[list[int]], reuse: bool) -> tuple[list[float], list[int]]:
+    """Unprofiled wall seconds and minor page faults of one training step per batch of ``order``, inside
+    :func:`reuse_freed_memory` (what ``Trainer.fit`` does on the CPU) or with glibc's default malloc."""
+    times, faults = [], []
+    with reuse_freed_memory(reuse):
+        for indices in order:
+            batch = collate([trainer.dataset[i] for i in indices])
+            before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+            trainer.train_step(batch)
+            times.append(time.perf_counter() - start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return times, faults
+
+
 def profile_config(trainer: Any, warmup: int, steps: int, peak: float) -> str:
     collate = Collate(trainer.tokenizer, trainer.recipe.model.text.max_tokens)
     order = step_batches(trainer, warmup + steps)
     trainer.model.train()
-    times = []
-    for indices in order:  # unprofiled: the step time the FLOP rate is computed from
-        start = time.perf_counter()
-        trainer.train_step(collate([trainer.dataset[i] for i in indices]))
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times[warmup:])
+    medians: dict[bool, list[float]] = {False: [], True: []}
+    faults: dict[bool, float] = {}
+    for reuse in (False, True, False, True):  # interleaved rounds: this machine's speed drifts by the minute
+        times, counts = step_times(trainer, collate, order, reuse)
+        medians[reuse].append(statistics.median(times[warmup:]))
+        faults[reuse] = statistics.median(counts[warmup:])
+    step_s, default_s = min(medians[True]), min(medians[False])
     flops = dc.step_flops(trainer, collate([trainer.dataset[i] for i in order[0]]))
     hook_ranges(trainer)
+    # glibc's default malloc here: under the profiler the reused heap fragments (its records land between
+    # the large blocks) and each step takes fresh pages again, more than without reuse
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=False) as prof:
         start = time.perf_counter()
         for indices in order[warmup:]:
@@ -152,10 +174,15 @@ def profile_config(trainer: Any, warmup: int, steps: int, peak: float) -> str:
     events = list(prof.events())
     buckets, python_in = attribute(events)
     ops = sum(buckets.values()) / steps
-    lines = [f"step (profiled) {wall / 1e3:.1f} ms, unprofiled median {step_s * 1e3:.1f} ms; "
-             f"{flops / 1e9:.1f} GFLOP/step -> {flops / step_s / 1e9:.1f} GFLOP/s = "
+    lines = [f"step (profiled) {wall / 1e3:.1f} ms, unprofiled median {step_s * 1e3:.1f} ms (best of 2 rounds, "
+             f"freed memory reused as in training; glibc's default malloc {default_s * 1e3:.1f} ms, "
+             f"{default_s / step_s:.2f}x); {flops / 1e9:.1f} GFLOP/step -> {flops / step_s / 1e9:.1f} GFLOP/s = "
              f"{flops / step_s / peak:.1%} of the {peak / 1e9:.0f} GFLOP/s matmul peak "
-             f"(batch {trainer.cfg.batch_size}, {torch.get_num_threads()} threads)", "",
+             f"(default malloc: {flops / default_s / peak:.1%}; batch {trainer.cfg.batch_size}, "
+             f"{torch.get_num_threads()} threads)",
+             f"minor page faults per step (median): {faults[True]:.0f} reusing freed memory, {faults[False]:.0f} "
+             f"({faults[False] * resource.getpagesize() / 2**20:.0f} MiB of fresh pages) with the default malloc; "
+             "the profile below is of a default-malloc step", "",
              "| bucket | ms / step | % of step |", "|---|---|---|"]
     for name in ORDER + sorted(set(buckets) - set(ORDER)):
         if name in buckets:

@@ -26,6 +26,7 @@ from ssbctl.config import Recipe, TrainConfig
 from ssbctl.core.distributed import any_rank, average_gradients, barrier, gather_objects, in_group, setup, teardown
 from ssbctl.core.errors import DataError, TrainingError, UserError
 from ssbctl.core.io import append_jsonl, atomic_write_text, jsonl_text, read_jsonl
+from ssbctl.core.memory import reuse_freed_memory
 from ssbctl.core.validate import field as require
 from ssbctl.data.batch import Batch
 from ssbctl.data.loader import (
@@ -321,7 +322,8 @@ class Trainer:
         self.model.train()
         self.reporter.start(self.total_steps, self.state.step)
         last_eval: dict[str, Any] | None = None
-        with _StopOnSignal(self), warnings.catch_warnings():
+        # on the CPU each step's large activations and gradients reuse the last step's memory (ssbctl.core.memory)
+        with _StopOnSignal(self), warnings.catch_warnings(), reuse_freed_memory(self.device.type == "cpu"):
             # fp16: a step skipped for overflowing gradients still advances the schedule, which
             # stays keyed to the step count; torch's warning about that order is expected here.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)

@@ -106,10 +106,12 @@ class PixelStem(nn.Module):
         images = x.reshape(-1, 3, self.side, self.side)  # (N, 3, s, s)
         if self.coords is not None:
             images = torch.cat([images, self.coords.to(images.dtype).expand(len(images), -1, -1, -1)], dim=1)
-        # channels-last (oneDNN's and cuDNN's convolutions run faster on it), pooled as the (N, s/2, s/2, 2C)
-        # view that is contiguous then, so that the backward pass stays channels-last; same values
-        maps = self.convs(images.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
-        pooled = torch.cat([maps.amax(dim=(1, 2)), maps.mean(dim=(1, 2))], dim=1)  # (N, 4C)
+        # channels-last (oneDNN's and cuDNN's convolutions run faster on it), pooled as the (N, s/2 * s/2, 2C)
+        # view that is contiguous then, so that the backward pass stays channels-last; same values. max()
+        # rather than amax(): its backward writes the gradient at one index per channel instead of comparing
+        # every position with the maximum (a tie's gradient goes to one of the tied positions, not split)
+        maps = self.convs(images.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1).flatten(1, 2)
+        pooled = torch.cat([maps.max(dim=1).values, maps.mean(dim=1)], dim=1)  # (N, 4C)
         return pooled.reshape(*lead, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
